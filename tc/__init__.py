@@ -1,0 +1,3 @@
+"""Thought Cloning on BabyAI: data, model, training, evaluation."""
+
+__version__ = "0.1.0"
