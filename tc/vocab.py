@@ -27,7 +27,7 @@ MISSION_WORDS = [
 THOUGHT_WORDS = [
     "pickup", "drop", "unlock", "close", "explore", "unseen", "area", "complete",
     "mission", "goto", "putnext", "temporary", "find", "remove", "blocking", "object",
-    "door", "back", "carry", "it",
+    "door", "back", "free", "hands", "through",
 ]
 
 WORDS: list[str] = list(dict.fromkeys(SPECIALS + COLORS + OBJECT_TYPES + MISSION_WORDS + THOUGHT_WORDS))

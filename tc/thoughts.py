@@ -1,0 +1,249 @@
+"""Synthetic thoughts: the BabyAI expert bot's current subgoal, with its purpose, in words.
+
+The minigrid bot plans with a stack of subgoals (GoNextTo, Open, Close, Pickup, Drop,
+Explore) but keeps no record of *why* a subgoal exists. ``ThoughtBot`` runs the bot's own
+planning methods and records, for every subgoal, which subgoal pushed it (its parent) and,
+for the subgoals made from the mission, which instruction they serve. A thought is then
+read off the top of the stack: the verb and the object actually targeted, plus the
+purpose found by walking up the parents. Every thought fits one of ``TEMPLATES``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from minigrid.core.world_object import WorldObj
+from minigrid.envs.babyai.core.verifier import (
+    ActionInstr,
+    GoToInstr,
+    ObjDesc,
+    OpenInstr,
+    PickupInstr,
+    PutNextInstr,
+)
+from minigrid.utils.baby_ai_bot import (
+    BabyAIBot,
+    CloseSubgoal,
+    DropSubgoal,
+    ExploreSubgoal,
+    GoNextToSubgoal,
+    OpenSubgoal,
+    PickupSubgoal,
+)
+
+from tc.vocab import COLORS
+
+THOUGHTS_VERSION = 1
+
+# {obj} is "<colour> <type>"; {door} is "<colour> door"; {key} is "<colour> key".
+TEMPLATES = [
+    "go to {obj} to complete goto mission",
+    "open {door} to complete open mission",
+    "unlock {door} to complete open mission",
+    "close {door} to complete open mission",
+    "pickup {obj} to complete pickup mission",
+    "pickup {obj} to complete putnext mission",
+    "drop {obj} to complete putnext mission",
+    "open {door} to explore",
+    "unlock {door} to explore",
+    "open {door} to go through",
+    "pickup {key} to unlock the door",
+    "drop {obj} temporary to find the key",
+    "drop {obj} temporary to remove blocking object",
+    "remove blocking object {obj}",
+    "pickup {obj} back",
+    "drop {obj} to free hands",
+    "explore unseen area",
+]
+NOISE_TYPES = ["key", "ball", "box"]
+
+_MISSION_PURPOSE = {
+    GoToInstr: "to complete goto mission",
+    OpenInstr: "to complete open mission",
+    PickupInstr: "to complete pickup mission",
+    PutNextInstr: "to complete putnext mission",
+}
+
+
+def _name(obj: WorldObj | None) -> str | None:
+    return None if obj is None else f"{obj.color} {obj.type}"
+
+
+def random_thought(rng: np.random.Generator) -> str:
+    """A well-formed thought from ``TEMPLATES`` with random colours and types (for noise)."""
+    template = TEMPLATES[rng.integers(len(TEMPLATES))]
+    color = COLORS[rng.integers(len(COLORS))]
+    return template.format(
+        obj=f"{color} {NOISE_TYPES[rng.integers(len(NOISE_TYPES))]}",
+        door=f"{color} door",
+        key=f"{color} key",
+    )
+
+
+class _TracingBot(BabyAIBot):
+    """The minigrid bot, recording for each subgoal its parent and its mission instruction."""
+
+    def __init__(self, env):
+        self.found: dict[int, WorldObj | None] = {}  # id(ObjDesc) -> object the bot last chose
+        super().__init__(env)
+
+    def _process_instr(self, instr):
+        n = len(self.stack)
+        super()._process_instr(instr)
+        if isinstance(instr, ActionInstr):
+            for sg in self.stack[n:]:
+                sg.tc_parent, sg.tc_instr = None, type(instr)
+
+    def _find_obj_pos(self, obj_desc, adjacent=False):
+        obj, pos = super()._find_obj_pos(obj_desc, adjacent)
+        self.found[id(obj_desc)] = obj
+        return obj, pos
+
+    def _traced(self, subgoal, method, *args):
+        """Call ``subgoal.method(*args)`` and record ``subgoal`` as the parent of what it pushes."""
+        before = {id(sg) for sg in self.stack}
+        result = getattr(subgoal, method)(*args)
+        replaced = all(sg is not subgoal for sg in self.stack)
+        for sg in self.stack:
+            if id(sg) in before:
+                continue
+            if replaced and type(sg) is type(subgoal):
+                # A subgoal that pops itself and pushes one of its own kind is replaced by it
+                # (e.g. Open -> Open(reason="Unlock")): the new one inherits its place.
+                sg.tc_parent, sg.tc_instr = subgoal.tc_parent, subgoal.tc_instr
+            else:
+                sg.tc_parent, sg.tc_instr = subgoal, None
+        return result
+
+    def replan(self, action_taken=None):
+        # Same steps as BabyAIBot.replan, with each subgoal call traced.
+        self._process_obs()
+        self._check_erroneous_box_opening(action_taken)
+        for subgoal in self.stack:
+            subgoal.update_agent_attributes()
+        if self.stack:
+            self._traced(self.stack[-1], "replan_after_action", action_taken)
+        while self.stack and self.stack[-1].is_exploratory():
+            self.stack.pop()
+        action = None
+        while self.stack:
+            action = self._traced(self.stack[-1], "replan_before_action")
+            if action is not None:
+                break
+        if not self.stack:
+            action = self.mission.unwrapped.actions.done
+        self._remember_current_state()
+        return action
+
+
+class ThoughtBot:
+    """The expert bot that also says what it is doing.
+
+    ``step(last_action)`` returns ``(action, thought)``; pass the action actually taken at
+    the previous step (None at the first), which may differ from the advice (noise).
+    """
+
+    def __init__(self, env):
+        self.env = env.unwrapped
+        self.bot = _TracingBot(env)
+        self.thought = "explore unseen area"
+        self.temp_dropped: set[int] = set()  # ids of objects put down to be picked up again
+        self.blockers: set[int] = set()      # ids of objects moved out of the way
+
+    def step(self, last_action: int | None) -> tuple[int, str]:
+        action = int(self.bot.replan(last_action))
+        thought = self._read_stack()
+        if thought is not None:  # keep the last thought when the stack says nothing new
+            self.thought = thought
+        return action, self.thought
+
+    # -- reading the stack -------------------------------------------------------------
+
+    def _target(self, sg) -> WorldObj | None:
+        """The object a GoNextTo subgoal leads to, as the bot chose it."""
+        if isinstance(sg.datum, ObjDesc):
+            return self.bot.found.get(id(sg.datum))
+        if isinstance(sg.datum, WorldObj):
+            return sg.datum
+        return self.env.grid.get(*sg.datum)
+
+    def _read_stack(self) -> str | None:
+        stack = self.bot.stack
+        for i in range(len(stack) - 1, -1, -1):
+            sg = stack[i]
+            if isinstance(sg, ExploreSubgoal) or (isinstance(sg, GoNextToSubgoal) and sg.reason == "Explore"):
+                return "explore unseen area"
+            if not isinstance(sg, GoNextToSubgoal):
+                if isinstance(sg, DropSubgoal) or i == len(stack) - 1:
+                    return self._act_thought(sg, self._facing())
+                return None  # under a detour: the target is not in front, keep the last thought
+            if sg.tc_instr is GoToInstr:
+                return self._with_obj("go to {} to complete goto mission", self._target(sg))
+            below = stack[i - 1] if i > 0 else None
+            # A GoNextTo pushed together with the action below it is that action's approach;
+            # one pushed *by* the subgoal below it is a detour (undo after noise, stepping aside).
+            if isinstance(below, (PickupSubgoal, OpenSubgoal, DropSubgoal)) and sg.tc_parent is not below:
+                return self._act_thought(below, self._target(sg))
+        return None
+
+    def _facing(self) -> WorldObj | None:
+        return self.env.grid.get(*self.env.front_pos)
+
+    @staticmethod
+    def _with_obj(template: str, obj: WorldObj | None) -> str | None:
+        return None if obj is None else template.format(_name(obj))
+
+    def _act_thought(self, sg, obj: WorldObj | None) -> str | None:
+        """Thought for the action subgoal ``sg`` (Pickup/Drop/Open/Close) on ``obj``."""
+        parent, instr = sg.tc_parent, sg.tc_instr
+        if isinstance(sg, DropSubgoal):
+            obj = self.env.carrying
+            if obj is None:
+                return None
+            if instr is PutNextInstr:
+                return f"drop {_name(obj)} to complete putnext mission"
+            if id(obj) in self.blockers:
+                return f"remove blocking object {_name(obj)}"
+            if isinstance(parent, OpenSubgoal) and parent.reason == "Unlock":
+                return f"drop {_name(obj)} to free hands"
+            if isinstance(parent, OpenSubgoal):
+                self.temp_dropped.add(id(obj))
+                return f"drop {_name(obj)} temporary to find the key"
+            if isinstance(parent, GoNextToSubgoal):
+                self.temp_dropped.add(id(obj))
+                return f"drop {_name(obj)} temporary to remove blocking object"
+            return f"drop {_name(obj)} to free hands"
+        if obj is None:
+            return None
+        if isinstance(sg, PickupSubgoal):
+            if instr is not None:
+                return f"pickup {_name(obj)} {_MISSION_PURPOSE[instr]}"
+            if id(obj) in self.temp_dropped:
+                return f"pickup {_name(obj)} back"
+            if obj.type == "key" and self._unlocks(parent, obj):
+                return f"pickup {_name(obj)} to unlock the door"
+            self.blockers.add(id(obj))
+            return f"remove blocking object {_name(obj)}"
+        if obj.type != "door":
+            return None
+        if isinstance(sg, CloseSubgoal):
+            return f"close {_name(obj)} {self._door_purpose(sg.tc_parent)}"
+        verb = "unlock" if obj.is_locked else "open"
+        return f"{verb} {_name(obj)} {self._door_purpose(sg)}"
+
+    def _unlocks(self, parent, key: WorldObj) -> bool:
+        """Whether ``key`` is picked up for the locked door that ``parent`` was heading for."""
+        if isinstance(parent, OpenSubgoal):
+            door = parent.fwd_cell
+        elif isinstance(parent, GoNextToSubgoal) and parent.reason == "Open":
+            door = self._target(parent)
+        else:
+            return False
+        return door is not None and door.type == "door" and door.is_locked and door.color == key.color
+
+    @staticmethod
+    def _door_purpose(sg) -> str:
+        if sg is None or sg.tc_instr is not None:
+            return "to complete open mission"
+        if isinstance(sg.tc_parent, ExploreSubgoal):
+            return "to explore"
+        return "to go through"

@@ -1,0 +1,88 @@
+"""Thoughts of the bot on hand-checked seeds, and their well-formedness."""
+
+import re
+
+import numpy as np
+import pytest
+
+from tc import vocab
+from tc.envs import make_env, reset_quiet
+from tc.thoughts import TEMPLATES, ThoughtBot, random_thought
+
+
+def run_bot(level: str, seed: int) -> tuple[list[str], bool]:
+    """The bot's distinct successive thoughts on one episode, and whether it succeeded."""
+    env = make_env(level)
+    reset_quiet(env, seed)
+    bot, last, thoughts = ThoughtBot(env), None, []
+    while True:
+        action, thought = bot.step(last)
+        if not thoughts or thoughts[-1] != thought:
+            thoughts.append(thought)
+        _, reward, terminated, truncated, _ = env.step(action)
+        last = action
+        if terminated or truncated:
+            return thoughts, terminated and reward > 0
+
+
+# Checked by hand against the rendered episodes (and the missions they solve).
+EXPECTED = [
+    ("BabyAI-GoToLocal-v0", 0, ["go to green ball to complete goto mission"]),
+    ("BabyAI-Open-v0", 0, ["explore unseen area", "open yellow door to explore", "explore unseen area",
+                           "open green door to complete open mission"]),
+    ("BabyAI-Pickup-v0", 1, ["pickup grey box to complete pickup mission"]),
+    ("BabyAI-PutNextLocal-v0", 0, ["pickup green ball to complete putnext mission",
+                                   "drop green ball to complete putnext mission"]),
+    ("BabyAI-UnlockPickup-v0", 0, ["explore unseen area", "pickup green key to unlock the door",
+                                   "unlock green door to explore", "drop green key to free hands",
+                                   "pickup purple box to complete pickup mission"]),
+    ("BabyAI-BlockedUnlockPickup-v0", 0, [
+        "explore unseen area", "pickup green key to unlock the door", "unlock green door to explore",
+        "drop green key temporary to remove blocking object", "remove blocking object blue ball",
+        "pickup green key back", "unlock green door to explore", "drop green key to free hands",
+        "pickup purple box to complete pickup mission"]),
+    ("BabyAI-BossLevel-v0", 1, ["pickup purple ball to complete pickup mission", "drop purple ball to free hands",
+                                "explore unseen area", "open grey door to explore", "explore unseen area",
+                                "open red door to complete open mission"]),
+    ("BabyAI-BossLevel-v0", 2, ["open grey door to complete open mission",
+                                "pickup purple ball to complete putnext mission",
+                                "drop purple ball to complete putnext mission"]),
+]
+
+
+@pytest.mark.parametrize("level,seed,expected", EXPECTED, ids=[f"{l}-{s}" for l, s, _ in EXPECTED])
+def test_hand_checked_thoughts(level, seed, expected):
+    thoughts, success = run_bot(level, seed)
+    assert success
+    assert thoughts == expected
+
+
+def test_thoughts_name_the_mission_objects():
+    # "open a red door" with a known colour must never come out as a colourless "open door".
+    for seed in range(10):
+        env = make_env("BabyAI-BossLevel-v0")
+        mission = reset_quiet(env, seed)["mission"]
+        thoughts, success = run_bot("BabyAI-BossLevel-v0", seed)
+        assert success
+        for t in thoughts:
+            words = t.split()
+            assert len(words) + 1 <= vocab.MAX_THOUGHT_LEN
+            vocab.encode(t)  # every thought is in the vocabulary
+            assert not re.search(r"\b(open|unlock|pickup|drop|go to) (door|key|ball|box)\b", t), t
+        for color, kind in re.findall(r"pick up the (\w+) (key|ball|box)", mission):
+            assert any(f"pickup {color} {kind}" in t for t in thoughts), (mission, thoughts)
+
+
+def test_random_thoughts_are_well_formed():
+    rng = np.random.default_rng(0)
+    patterns = [re.compile("^" + re.escape(t).replace(r"\{obj\}", r"\w+ (key|ball|box)")
+                           .replace(r"\{door\}", r"\w+ door").replace(r"\{key\}", r"\w+ key") + "$")
+                for t in TEMPLATES]
+    seen = set()
+    for _ in range(500):
+        t = random_thought(rng)
+        vocab.encode(t)
+        matches = [i for i, p in enumerate(patterns) if p.match(t)]
+        assert matches, t
+        seen.update(matches)
+    assert len(seen) == len(TEMPLATES)
