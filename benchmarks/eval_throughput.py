@@ -1,0 +1,90 @@
+"""Evaluation throughput: episodes/s at batch 1 vs batch 64 (one forward pass per step for the batch).
+
+    python benchmarks/eval_throughput.py [--checkpoint models/tc/best.pt] [--episodes 64] [--max-steps 16]
+
+Every episode is capped at ``--max-steps`` so that both batch sizes do the same work
+(an untrained agent would otherwise wander to the level's limit). Without a checkpoint
+an untrained agent of params.yaml's model config is timed: the speed does not depend on
+the weights. Each setting is timed ``--repeats`` times in the same run; the median is
+reported, for each torch intra-op thread count of ``--threads`` (on a small shared CPU one
+thread can beat two at batch 1 and lose at batch 64). Writes
+benchmarks/results/eval_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tc.demos import write_json_atomic
+from tc.evaluate import evaluate
+from tc.model import Agent, ModelConfig, load_agent
+from tc.params import load_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="model config when no checkpoint is given")
+    parser.add_argument("--checkpoint", help="agent to time (default: untrained, params.yaml model config)")
+    parser.add_argument("--level", default="BabyAI-BossLevel-v0")
+    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--max-steps", type=int, default=16)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--modes", nargs="+", default=["tc", "bc"], choices=["tc", "bc"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
+                        help="torch intra-op thread counts to time (default: 1 and torch's default)")
+    parser.add_argument("--out", default="benchmarks/results/eval_throughput.json")
+    args = parser.parse_args()
+
+    seeds = list(range(args.episodes))
+    load_at_start = os.getloadavg()
+    if args.checkpoint:  # its own mode only
+        agent = load_agent(args.checkpoint)
+        agents = {"tc" if agent.cfg.use_thoughts else "bc": agent}
+    else:
+        cfg = load_params(args.params, "model")["model"]
+        torch.manual_seed(0)
+        agents = {mode: Agent(ModelConfig.from_dict({**cfg, "use_thoughts": mode == "tc"})) for mode in args.modes}
+    results = {}
+    for mode, agent in agents.items():
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            evaluate(agent, args.level, seeds[:2], mode, batch_size=2, max_steps=4, progress=False)  # warm-up
+            for batch in args.batch_sizes:
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    eps = evaluate(agent, args.level, seeds, mode, batch_size=batch, max_steps=args.max_steps, progress=False)
+                    times.append(time.perf_counter() - start)
+                steps, med = sum(e.length for e in eps), statistics.median(times)
+                results[f"{mode}_threads{threads}_batch{batch}"] = {
+                    "episodes_per_s": len(seeds) / med, "steps_per_s": steps / med, "median_s": med,
+                    "times_s": times, "steps": steps,
+                }  # fmt: skip
+                rate = f"{len(seeds) / med:.2f} episodes/s, {steps / med:.0f} steps/s"
+                print(f"{mode} threads {threads} batch {batch}: {rate} (median of {args.repeats})")
+            first = results[f"{mode}_threads{threads}_batch{args.batch_sizes[0]}"]["episodes_per_s"]
+            for batch in args.batch_sizes[1:]:
+                key = f"{mode}_threads{threads}_speedup_batch{batch}_vs_{args.batch_sizes[0]}"
+                results[key] = results[f"{mode}_threads{threads}_batch{batch}"]["episodes_per_s"] / first
+    write_json_atomic(Path(args.out), {
+        "results": results,
+        "setup": {
+            "level": args.level, "episodes": args.episodes, "max_steps": args.max_steps, "repeats": args.repeats,
+            "checkpoint": args.checkpoint, "torch": torch.__version__, "threads": args.threads,
+            "cpus": os.cpu_count(), "machine": platform.machine(),
+            "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(),
+        },
+    })  # fmt: skip
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

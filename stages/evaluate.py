@@ -1,0 +1,48 @@
+"""DVC stage `evaluate`: TC, BC, TC with oracle thoughts and the bot on fresh test seeds.
+
+    python stages/evaluate.py --params params.yaml --tc models/tc/best.pt --bc models/bc/best.pt \
+        --out reports/metrics/eval.json
+
+Seeds evaluate.seed .. evaluate.seed + evaluate.episodes - 1 of demos.level. eval.json has
+one entry per mode: ``tc.evaluate.summarize`` fields, plus the Future Action Declaration
+Score (``fads``) for the modes that think. The bot's row is the expert reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tc import tracking
+from tc.demos import write_json_atomic
+from tc.evaluate import eval_device, evaluate, load_agent_for, settings
+from tc.params import load_params, require
+from tc.safety import summary_with_fads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="reads evaluate.* and demos.level")
+    parser.add_argument("--tc", default="models/tc/best.pt", help="Thought Cloning checkpoint")
+    parser.add_argument("--bc", default="models/bc/best.pt", help="Behavioural Cloning checkpoint")
+    parser.add_argument("--out", default="reports/metrics/eval.json")
+    args = parser.parse_args()
+
+    params = load_params(args.params, "evaluate", "demos")
+    kwargs = settings(params, args.params)
+    sec = require(params["evaluate"], "evaluate", {"episodes": int})
+    level = params["demos"]["level"]
+    device = eval_device(params)
+    seeds = list(range(sec["seed"], sec["seed"] + sec["episodes"]))
+    tc_agent, bc_agent = load_agent_for(args.tc, "tc", device), load_agent_for(args.bc, "bc", device)
+
+    with tracking.start_run("evaluate", params, tags={"stage": "evaluate"}):
+        report = {}
+        for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent), ("bot", None)):
+            report[mode] = summary_with_fads(evaluate(agent, level, seeds, mode, **kwargs))
+            tracking.log_metrics({f"{mode}_{k}": v for k, v in report[mode].items()})
+            print(f"{mode}: {report[mode]}")
+        write_json_atomic(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""DVC stage `plots`: the paper's figures (Fig. 3, Fig. 4(a), training curves) as PNGs.
+
+    python stages/plots.py --params params.yaml --history tc=reports/plots/train_tc.csv \
+        --history bc=reports/plots/train_bc.csv --ood reports/metrics/ood.json --out reports/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from tc.plots import write_figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="reads its `plots` section")
+    parser.add_argument("--history", action="append", default=[], metavar="AGENT=CSV",
+                        help="training history of an agent (repeatable); a missing file is noted on the figure")
+    parser.add_argument("--ood", default="reports/metrics/ood.json", help="out-of-distribution results (optional)")
+    parser.add_argument("--out", default="reports/figures", help="folder for the PNG files")
+    args = parser.parse_args()
+
+    with open(args.params) as f:
+        cfg = (yaml.safe_load(f) or {}).get("plots")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("dpi"), int):
+        parser.error(f"{args.params}: expected a `plots` section with an integer `dpi`")
+    histories = {}
+    for item in args.history:
+        agent, sep, path = item.partition("=")
+        if not sep or not agent or not path:
+            parser.error(f"--history {item!r}: expected AGENT=CSV, e.g. tc=reports/plots/train_tc.csv")
+        histories[agent] = path
+
+    for name, path in write_figures(histories, args.ood, args.out, dpi=cfg["dpi"]).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""DVC stage `report`: reports/summary.md, the results in tables next to the paper's numbers.
+
+    python stages/report.py --params params.yaml --metrics reports/metrics --plots reports/plots \
+        --out reports/summary.md
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from tc.report import build_report, write_text_atomic
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="the run's config, shown next to the paper's")
+    parser.add_argument("--metrics", default="reports/metrics", help="folder of train_*.json, eval/ood/safety.json")
+    parser.add_argument("--plots", default="reports/plots", help="folder of the train_*.csv histories")
+    parser.add_argument("--out", default="reports/summary.md")
+    args = parser.parse_args()
+
+    with open(args.params) as f:
+        params = yaml.safe_load(f) or {}
+    write_text_atomic(args.out, build_report(params, args.metrics, args.plots))
+    print(f"report: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

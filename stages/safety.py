@@ -1,0 +1,49 @@
+"""DVC stage `safety`: precrime intervention and the Future Action Declaration Score.
+
+    python stages/safety.py --params params.yaml --tc models/tc/best.pt --out reports/metrics/safety.json
+
+For every behaviour of safety.behaviours (validated by tc.safety.parse_behaviours), TC runs
+on seeds safety.seed .. + safety.episodes without and with the intervention. safety.json:
+one entry per behaviour (share of episodes showing it and success rate, without -> with),
+"no_intervention" (the shared run without intervention) and "fads" (in distribution; the
+OOD scores are in ood.json, per bin).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tc import tracking
+from tc.demos import write_json_atomic
+from tc.evaluate import eval_device, load_agent_for, settings
+from tc.params import load_params, require
+from tc.safety import parse_behaviours, run_precrime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="reads safety.*, evaluate.* and demos.level")
+    parser.add_argument("--tc", default="models/tc/best.pt")
+    parser.add_argument("--out", default="reports/metrics/safety.json")
+    args = parser.parse_args()
+
+    params = load_params(args.params, "evaluate", "demos", "safety")
+    kwargs = settings(params, args.params)
+    sec = require(params["safety"], "safety", {"seed": int, "episodes": int, "behaviours": list})
+    behaviours = parse_behaviours(sec.get("behaviours"), f"{args.params}: safety.behaviours")
+    agent = load_agent_for(args.tc, "tc", eval_device(params))
+    seeds = list(range(sec["seed"], sec["seed"] + sec["episodes"]))
+
+    with tracking.start_run("safety", params, tags={"stage": "safety"}):
+        res = run_precrime(agent, params["demos"]["level"], seeds, behaviours, **kwargs)
+        report = {**res["behaviours"], "no_intervention": res["without"], "fads": {**res["fads"], "episodes": len(seeds)}}
+        for name, row in res["behaviours"].items():
+            tracking.log_metrics({f"{name}_{k}": v for k, v in row.items() if isinstance(v, float)})
+            print(f"{name}: shown {row['shown_without']:.3f} -> {row['shown_with']:.3f}, "
+                  f"success {row['success_without']:.3f} -> {row['success_with']:.3f}")  # fmt: skip
+        tracking.log_metrics({"fads": res["fads"]["score"]})
+        write_json_atomic(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

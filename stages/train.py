@@ -1,0 +1,112 @@
+"""DVC stage `train`: imitation training of the TC agent or the BC baseline (params: model.*, train.*).
+
+    python stages/train.py --params params.yaml --agent tc --train data/demos/train --val data/demos/val \
+        --out models/tc --metrics reports/metrics/train_tc.json --history reports/plots/train_tc.csv
+
+Writes <out>/best.pt (best validation success, then action accuracy) and <out>/last.pt
+(resume state), the metrics JSON and the per-epoch history CSV. An interrupted run
+started again with the same settings continues from <out>/last.pt. The validation
+success rate is measured by tc.evaluate on the seeds demos.val_seed, demos.val_seed + 1,
+... (train.val_episodes of them; fresh for training, which uses demos.seed onwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tc import tracking
+from tc.demos import load_demos, write_json_atomic
+from tc.evaluate import evaluate, summarize
+from tc.model import ModelConfig
+from tc.params import load_params
+from tc.train import TrainConfig, train
+
+HISTORY_COLUMNS = ["epoch", "frames", "updates", "lr", "tf_ratio", "loss", "val_success", "action_acc", "thought_acc",
+                   "val_loss", "train_action_acc", "train_thought_acc", "wall_time_s"]
+
+
+def history_csv(history: list[dict]) -> str:
+    """CSV text of the per-epoch history; empty cells where an epoch had no validation (or BC has no thoughts)."""
+    names = {"loss": "train_loss", "action_acc": "val_action_acc", "thought_acc": "val_thought_acc"}
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(HISTORY_COLUMNS)
+    for row in history:
+        values = [row.get(names.get(c, c)) for c in HISTORY_COLUMNS]
+        writer.writerow(["" if v is None else v for v in values])
+    return buf.getvalue()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="reads model.*, train.*, demos.level, demos.val_seed, evaluate.batch_size")
+    ap.add_argument("--agent", choices=["tc", "bc"], required=True, help="tc: Thought Cloning; bc: the lower level alone")
+    ap.add_argument("--train", default="data/demos/train")
+    ap.add_argument("--val", default="data/demos/val")
+    ap.add_argument("--out", required=True, help="folder for best.pt and last.pt")
+    ap.add_argument("--metrics", required=True)
+    ap.add_argument("--history", required=True)
+    ap.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/last.pt exists")
+    args = ap.parse_args()
+
+    params = load_params(args.params, "model", "train", "demos")
+    try:
+        model_cfg = replace(ModelConfig.from_dict(params["model"]), use_thoughts=args.agent == "tc")
+        cfg = TrainConfig.from_dict(params["train"])
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"{args.params}: {err}") from None
+    level = params["demos"]["level"]
+    train_demos, val_demos = load_demos(args.train), load_demos(args.val)
+    for name, demos in (("--train", train_demos), ("--val", val_demos)):
+        if demos.manifest["level"] != level:
+            raise SystemExit(f"{name} {demos.manifest['level']} demos, but {args.params} demos.level is {level}")
+
+    val_seeds = [params["demos"]["val_seed"] + i for i in range(cfg.val_episodes)]
+    eval_batch = (params.get("evaluate") or {}).get("batch_size", 64)
+
+    def evaluate_fn(agent) -> dict:
+        episodes = evaluate(agent, level, val_seeds, args.agent, batch_size=eval_batch, sample_seed=cfg.seed, progress=False)
+        return summarize(episodes)
+
+    run_params = {"model": asdict(model_cfg), "train": asdict(cfg), "demos": {"level": level}, "agent": args.agent}
+    with tracking.start_run(f"train-{args.agent}", run_params, tags={"stage": "train", "agent": args.agent}):
+        result = train(model_cfg, cfg, train_demos, val_demos, args.out, evaluate_fn=evaluate_fn if val_seeds else None,
+                       log_fn=tracking.metrics_logger(), resume=not args.no_resume)
+        history, best = result["history"], result["best"]
+        final = history[-1]
+        metrics = {
+            "agent": args.agent,
+            "final_val_success": final.get("val_success"),
+            "best_val_success": best["val_success"],
+            "best_epoch": best["epoch"],
+            "final_action_acc": final.get("val_action_acc"),
+            "final_thought_acc": final.get("val_thought_acc"),
+            "best_action_acc": best["val_action_acc"],
+            "best_thought_acc": best["val_thought_acc"],
+            "frames": result["frames"],
+            "updates": result["updates"],
+            "epochs": cfg.epochs,
+            "wall_time_s": result["wall_time_s"],
+            "parameters": result["parameters"],
+        }
+        write_json_atomic(Path(args.metrics), metrics)
+        write_text_atomic(Path(args.history), history_csv(history))
+        tracking.log_artifacts([args.metrics, args.history, str(Path(args.out) / "best.pt")])
+    print(f"{args.agent}: best val success {metrics['best_val_success']} (epoch {metrics['best_epoch']}), "
+          f"final action acc {metrics['final_action_acc']:.3f}, {metrics['frames']} frames in {metrics['wall_time_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The ``tc`` command: look at what an agent (or the bot) does and thinks.
+
+    tc watch  [--agent CKPT] --seed S [--mode tc|bc|oracle|bot] --out episode.gif|episode.html
+    tc steer  --agent CKPT --seed S (--thought "go to red ball to complete goto mission" | --interactive) [--out F]
+    tc show   DEMO_DIR EPISODE
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tc import vocab
+from tc.demos import ACTION_NAMES
+from tc.evaluate import MODES, Episode, load_agent_for, steer
+from tc.watch import FORMATS, save_episode, watch
+
+DEFAULT_LEVEL = "BabyAI-BossLevel-v0"
+
+
+def _load(path: str | None, mode: str = "tc"):
+    """The agent for ``mode``: none for the bot, else the checkpoint (a TC/BC mismatch is an error)."""
+    if mode == "bot":
+        return None
+    if path is None:
+        sys.exit(f"error: mode {mode!r} needs --agent CHECKPOINT (only --mode bot runs without one)")
+    return load_agent_for(path, mode)
+
+
+def _print(ep: Episode) -> None:
+    """The episode as text: one line per run of steps under the same thought (as `tc show`)."""
+    print(f"seed {ep.seed}: {ep.mission}")
+    thoughts = ep.thoughts or [""] * len(ep.actions)  # BC: one run
+    start = 0
+    for t in range(1, len(ep.actions) + 1):
+        if t == len(ep.actions) or thoughts[t] != thoughts[start]:
+            span = f"t={start}" if t - start == 1 else f"t={start}-{t - 1}"
+            print(f"{span}: {thoughts[start]}  actions [{', '.join(ACTION_NAMES[a] for a in ep.actions[start:t])}]")
+            start = t
+    end = "halted by the intervention" if ep.halted else ("success" if ep.success else "failure")
+    print(f"{end} after {ep.length} steps, return {ep.reward:.3f}" + (f" ({ep.bot_error})" if ep.bot_error else ""))
+
+
+def _ask(_episode: int, step: int, proposed: str) -> str | None:
+    """Interactive steering: show the agent's thought, read a replacement (empty line keeps it)."""
+    while True:
+        line = input(f"step {step} agent thinks: {proposed!r}\n  your thought (Enter keeps it): ").strip()
+        if not line:
+            return None
+        try:
+            vocab.encode(line)
+            return line
+        except ValueError as err:
+            print(f"  {err}; known words: {' '.join(vocab.WORDS[3:])}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def episode_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--agent", help="checkpoint (models/tc/best.pt, models/bc/best.pt)")
+        p.add_argument("--level", default=DEFAULT_LEVEL, help=f"BabyAI env id (default {DEFAULT_LEVEL})")
+        p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--sample", action="store_true", help="sample actions instead of taking the most likely one")
+        p.add_argument("--max-steps", type=int, help="cap on the episode length (default: the level's)")
+        p.add_argument("--out", help=f"write the episode as {' or '.join(FORMATS)}")
+        p.add_argument("--fps", type=float, default=4)
+
+    w = sub.add_parser("watch", help="run one episode and print / render it")
+    episode_args(w)
+    w.add_argument("--mode", choices=MODES, default="tc")
+    s = sub.add_parser("steer", help="run one TC episode acting on your thought")
+    episode_args(s)
+    s.add_argument("--thought", help="the thought to impose, e.g. 'go to red ball to complete goto mission'")
+    s.add_argument("--from-step", type=int, default=0)
+    s.add_argument("--to-step", type=int, help="last steered step + 1 (default: to the end)")
+    s.add_argument("--interactive", action="store_true", help="ask for a thought at every step")
+    d = sub.add_parser("show", help="print one episode of a demo dataset with its thoughts")
+    d.add_argument("demo_dir")
+    d.add_argument("episode", type=int)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "show":
+            from tc.demos import format_episode, load_demos
+
+            print(format_episode(load_demos(args.demo_dir), args.episode))
+            return
+        render = args.out is not None
+        if args.command == "watch":
+            agent = _load(args.agent, args.mode)
+            if render:
+                ep = watch(agent, args.level, args.seed, args.mode, argmax=not args.sample, max_steps=args.max_steps)
+            else:
+                from tc.evaluate import evaluate
+
+                (ep,) = evaluate(agent, args.level, [args.seed], args.mode, batch_size=1, argmax=not args.sample,
+                                 max_steps=args.max_steps, progress=False)  # fmt: skip
+        else:
+            if (args.thought is None) == (not args.interactive):
+                parser.error("steer: give exactly one of --thought TEXT or --interactive")
+            agent = _load(args.agent)
+            ep = steer(agent, args.level, args.seed, _ask if args.interactive else args.thought,
+                       from_step=args.from_step, to_step=args.to_step, argmax=not args.sample,
+                       render=render, max_steps=args.max_steps)  # fmt: skip
+    except (ValueError, FileNotFoundError, IndexError) as err:
+        sys.exit(f"error: {err}")
+    if render:
+        save_episode(ep, args.out, fps=args.fps, title=f"{args.level} seed {args.seed} ({args.command})")
+    _print(ep)
+    if render:
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

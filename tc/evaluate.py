@@ -1,0 +1,355 @@
+"""Batched evaluation of agents (and of the bot) on a list of BabyAI seeds.
+
+One chunk of up to ``batch_size`` environments advances together: each step stacks the
+observations of the live environments, runs one agent forward pass on them and keeps
+only the state rows of the environments still running. Modes:
+
+- ``tc``      the agent generates its thoughts and acts on them (Thought Cloning);
+- ``bc``      the agent acts on the mission only (Behavioural Cloning baseline);
+- ``oracle``  a ThoughtBot follows each environment (told the action actually taken)
+              and its thought replaces the generated one (``act(thoughts=...)``);
+- ``bot``     the ThoughtBot acts itself: the expert's reference success, no agent.
+
+Action sampling draws from one random stream per episode, seeded by
+``(sample_seed, env seed)``, so an episode's result does not depend on which other
+episodes share its batch or on the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from minigrid.envs.babyai.core.verifier import PickupInstr, SeqInstr
+from minigrid.utils.baby_ai_bot import DisappearedBoxError
+from tqdm import tqdm
+
+from tc import vocab
+from tc.demos import ACTION_NAMES
+from tc.envs import check_env_id, make_env, reset_quiet
+from tc.model import load_agent
+from tc.train import pick_device
+from tc.thoughts import ThoughtBot
+
+MODES = ("tc", "bc", "oracle", "bot")
+PICKUP, DROP, TOGGLE = 3, 4, 5
+
+# on_step(episode_index, step, env, thought, action) -> True to halt the episode before the action.
+OnStep = Callable[[int, int, object, str | None, int], bool]
+# thought_override(episode_index, step, proposed_thought) -> thought to act on, or None to keep it.
+ThoughtOverride = Callable[[int, int, str], str | None]
+
+
+@dataclass
+class Interaction:
+    """A pickup/drop/toggle that changed the world (the object was taken, put down, or toggled)."""
+
+    step: int
+    verb: str  # "pickup" | "drop" | "toggle"
+    color: str
+    type: str
+    requested: bool  # the object is one the mission asks to pick up
+
+
+@dataclass
+class Episode:
+    seed: int
+    mission: str
+    success: bool = False
+    reward: float = 0.0
+    length: int = 0
+    halted: bool = False  # stopped by an on_step hook (precrime intervention)
+    bot_error: str | None = None  # oracle mode: the bot could not follow the agent (the episode ended)
+    actions: list[int] = field(default_factory=list)
+    thoughts: list[str] = field(default_factory=list)  # thought in force at each step; empty for bc
+    interactions: list[Interaction] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)  # only with render=True
+
+
+def requested_objects(env) -> list:
+    """World objects the mission asks to pick up (PickupInstr descriptions, whole tree)."""
+
+    def walk(instr):
+        if isinstance(instr, SeqInstr):
+            return walk(instr.instr_a) + walk(instr.instr_b)
+        return list(instr.desc.obj_set) if isinstance(instr, PickupInstr) else []
+
+    return walk(env.unwrapped.instrs)
+
+
+def step_env(env, action: int, step: int, requested: list) -> tuple[dict, float, bool, Interaction | None]:
+    """Apply ``action``; return (observation, reward, episode over, the interaction it caused if any)."""
+    u = env.unwrapped
+    front = u.grid.get(*u.front_pos)
+    carried = u.carrying
+    before = (front.is_open, front.is_locked) if front is not None and front.type == "door" else None
+    obs, reward, terminated, truncated, _ = env.step(action)
+    obj = None
+    if action == PICKUP and carried is None and u.carrying is not None:
+        obj = u.carrying
+    elif action == DROP and carried is not None and u.carrying is None:
+        obj = carried
+    elif action == TOGGLE and front is not None:
+        after = u.grid.get(*u.front_pos)
+        changed = after is not front or (before is not None and (front.is_open, front.is_locked) != before)
+        obj = front if changed else None
+    event = None
+    if obj is not None:
+        verb = ACTION_NAMES[action]
+        event = Interaction(step, verb, obj.color, obj.type, any(obj is r for r in requested))
+    return obs, float(reward), bool(terminated or truncated), event
+
+
+def _thought_tensor(texts: list[str], device) -> torch.Tensor:
+    return torch.from_numpy(vocab.encode_padded(texts, length=vocab.MAX_THOUGHT_LEN, eos=True)).long().to(device)
+
+
+def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], argmax: bool) -> list[int]:
+    """Actions from ``logits`` [B, A]: argmax, or inverse-CDF sampling with one uniform per row's own stream."""
+    if argmax:
+        return logits.argmax(1).tolist()
+    cdf = torch.softmax(logits.double(), 1).cumsum(1).cpu()
+    u = torch.tensor([rng.random() for rng in rngs], dtype=torch.float64)
+    return (cdf < u[:, None]).sum(1).clamp(max=logits.shape[1] - 1).tolist()
+
+
+def check_mode(agent, mode: str) -> None:
+    """Raise ValueError when ``mode`` is unknown or does not fit ``agent`` (thoughts or not)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; expected one of {MODES}")
+    if mode == "bot":
+        return
+    if agent is None:
+        raise ValueError(f"mode {mode!r} needs an agent (only 'bot' runs without one)")
+    if mode in ("tc", "oracle") and not agent.cfg.use_thoughts:
+        raise ValueError(f"mode {mode!r} needs a Thought Cloning agent; this checkpoint is BC (use_thoughts=False)")
+    if mode == "bc" and agent.cfg.use_thoughts:
+        raise ValueError("mode 'bc' needs a BC agent (use_thoughts=False); this checkpoint is TC")
+
+
+def load_agent_for(path, mode: str, device: torch.device | str = "cpu"):
+    """Load the checkpoint at ``path`` for ``mode``; a TC/BC mismatch is an error naming the file."""
+    agent = load_agent(path, device)
+    try:
+        check_mode(agent, mode)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return agent
+
+
+def evaluate(
+    agent,
+    env_id: str,
+    seeds: list[int],
+    mode: str = "tc",
+    *,
+    batch_size: int = 64,
+    argmax: bool = False,
+    sample_seed: int = 0,
+    on_step: OnStep | None = None,
+    thought_override: ThoughtOverride | None = None,
+    render: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> list[Episode]:
+    """Run one episode per seed and return them in the order of ``seeds`` (``agent`` is left in eval mode).
+
+    ``on_step`` is called for every live environment after the action was chosen and
+    before it is applied; returning True halts that episode (it ends, unsuccessful).
+    ``thought_override`` (tc mode) may replace the generated thought of any step: the
+    agent then acts on the given thought (thought steering).
+    ``render`` keeps an RGB frame per step and one after the last step.
+    ``max_steps`` overrides the level's own step limit (BossLevel allows ~600 per subtask).
+    """
+    check_env_id(env_id)
+    check_mode(agent, mode)
+    if thought_override is not None and mode != "tc":
+        raise ValueError(f"thought_override needs mode 'tc', got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(agent.parameters()).device if agent is not None else torch.device("cpu")
+    if agent is not None:
+        agent.eval()
+    env_kwargs = {"render_mode": "rgb_array"} if render else {}
+    if max_steps is not None:
+        env_kwargs["max_steps"] = int(max_steps)
+    envs = [make_env(env_id, **env_kwargs) for _ in range(min(batch_size, len(seeds)))]
+    episodes: list[Episode] = []
+    bar = tqdm(total=len(seeds), desc=f"eval {mode}", unit="ep", disable=not progress)
+    for start in range(0, len(seeds), batch_size):
+        chunk = [int(s) for s in seeds[start : start + batch_size]]
+        obs = [reset_quiet(env, s) for env, s in zip(envs, chunk)]
+        eps = [Episode(seed=s, mission=o["mission"]) for s, o in zip(chunk, obs)]
+        requested = [requested_objects(env) for env in envs[: len(chunk)]]
+        bots = [ThoughtBot(env) for env in envs[: len(chunk)]] if mode in ("oracle", "bot") else None
+        advice = [bot.step(None) for bot in bots] if bots else None  # the bot's (action, thought) for this step
+        rngs = [np.random.default_rng([sample_seed, s]) for s in chunk]
+        live = list(range(len(chunk)))  # positions in the chunk, aligned with the rows of state/enc
+        if agent is not None:
+            with torch.inference_mode():
+                missions = torch.from_numpy(vocab.encode_padded([e.mission for e in eps])).long().to(device)
+                enc = agent.encode_mission(missions)
+                state = agent.initial_state(len(chunk), device)
+        while live:
+            step = len(eps[live[0]].actions)  # all live episodes are at the same step
+            if render:
+                for j in live:
+                    eps[j].frames.append(envs[j].render())
+            if mode == "bot":
+                actions = [advice[j][0] for j in live]
+                thoughts = [advice[j][1] for j in live]
+            else:
+                given = [advice[j][1] for j in live] if mode == "oracle" else None
+                thoughts, actions, state = _agent_step(
+                    agent, obs, live, enc, state, given, rngs, argmax, thought_override, start, step, device
+                )
+            keep = []
+            for k, j in enumerate(live):
+                ep, a = eps[j], int(actions[k])
+                thought = thoughts[k] if thoughts is not None else None
+                if on_step is not None and on_step(start + j, step, envs[j], thought, a):
+                    ep.halted = True
+                    bar.update()
+                    continue
+                ep.actions.append(a)
+                if thought is not None:
+                    ep.thoughts.append(thought)
+                obs[j], reward, done, event = step_env(envs[j], a, step, requested[j])
+                ep.length += 1
+                ep.reward += reward
+                if event is not None:
+                    ep.interactions.append(event)
+                if not done and bots is not None:
+                    advice[j] = _advise(bots[j], ep, a)
+                    done = advice[j] is None  # the bot cannot follow: the episode ends unsuccessful
+                if done:
+                    ep.success = reward > 0
+                    if render:
+                        ep.frames.append(envs[j].render())
+                    bar.update()
+                else:
+                    keep.append(k)
+            if agent is not None and len(keep) < len(live):
+                rows = torch.tensor(keep, dtype=torch.long, device=device)
+                state = {key: v.index_select(0, rows) for key, v in state.items()}
+                enc = {key: v.index_select(0, rows) for key, v in enc.items()}
+            live = [live[k] for k in keep]
+        episodes.extend(eps)
+    bar.close()
+    return episodes
+
+
+def _advise(bot, ep: Episode, action: int) -> tuple[int, str] | None:
+    """The bot's next (action, thought), told the action actually taken; None when it gives up."""
+    try:
+        return bot.step(action)
+    # The minigrid bot gives up when the agent opened a box (DisappearedBoxError) or moved the
+    # world into a state its planner asserts against (e.g. no path to a target it had found).
+    except (DisappearedBoxError, AssertionError) as err:
+        ep.bot_error = f"{type(err).__name__}: {err}"
+        return None
+
+
+@torch.inference_mode()
+def _agent_step(agent, obs, live, enc, state, given, rngs, argmax, thought_override, start, step, device):
+    """One forward pass for the live rows: returns (thought texts or None, actions, new state).
+
+    ``given``: thoughts to act on (oracle) instead of generated ones.
+    """
+    images = torch.from_numpy(np.stack([obs[j]["image"] for j in live])).to(device)
+    directions = torch.tensor([int(obs[j]["direction"]) for j in live], dtype=torch.long, device=device)
+    out = agent.act(images, directions, enc, state, thoughts=None if given is None else _thought_tensor(given, device))
+    thoughts = given
+    if given is None and out.thoughts is not None:
+        thoughts = [vocab.decode(row) for row in out.thoughts.tolist()]
+        if thought_override is not None:
+            forced = [thought_override(start + j, step, t) for j, t in zip(live, thoughts)]
+            if any(f is not None for f in forced):
+                # Act again from the same state, on the overriding thoughts: act() does not mutate state.
+                thoughts = [f if f is not None else t for f, t in zip(forced, thoughts)]
+                out = agent.act(images, directions, enc, state, thoughts=_thought_tensor(thoughts, device))
+    actions = _sample(out.logits.float(), [rngs[j] for j in live], argmax)
+    return thoughts, actions, out.state
+
+
+def steer(
+    agent,
+    env_id: str,
+    seed: int,
+    thought: str | ThoughtOverride,
+    *,
+    from_step: int = 0,
+    to_step: int | None = None,
+    argmax: bool = True,
+    render: bool = False,
+    max_steps: int | None = None,
+) -> Episode:
+    """One TC episode in which a person's thought replaces the agent's own (thought steering).
+
+    ``thought`` is either a fixed thought, in force for steps ``from_step`` <= step <
+    ``to_step``, or a function ``(episode_index, step, proposed_thought) -> thought | None``
+    (None keeps the agent's thought), e.g. one asking a person at every step.
+    """
+    if isinstance(thought, str):
+        text = thought
+        ids = vocab.encode(text)  # raises ValueError naming a word outside the vocabulary
+        if not ids or len(ids) >= vocab.MAX_THOUGHT_LEN:
+            raise ValueError(f"thought {text!r} must have 1 to {vocab.MAX_THOUGHT_LEN - 1} words")
+
+        def thought(_episode: int, step: int, _proposed: str) -> str | None:
+            return text if from_step <= step and (to_step is None or step < to_step) else None
+    (episode,) = evaluate(
+        agent, env_id, [seed], "tc", batch_size=1, argmax=argmax, thought_override=thought,
+        render=render, max_steps=max_steps, progress=False,
+    )  # fmt: skip
+    return episode
+
+
+def settings(params: dict, where: str = "params.yaml") -> dict:
+    """Keyword arguments of :func:`evaluate` from the ``evaluate`` section of params.yaml.
+
+    Returns ``batch_size``, ``argmax``, ``sample_seed`` (= evaluate.seed) and ``max_steps``
+    (null: the level's own limit); ValueError names a missing or mistyped key.
+    """
+    sec = params.get("evaluate")
+    if not isinstance(sec, dict):
+        raise ValueError(f"{where}: missing section `evaluate`")
+    expected = {
+        "seed": int, "batch_size": int, "argmax": bool, "device": str, "threads": int, "max_steps": (int, type(None)),
+    }  # fmt: skip
+    for key, typ in expected.items():
+        if key not in sec or not isinstance(sec[key], typ) or (typ is int and isinstance(sec[key], bool)):
+            kind = getattr(typ, "__name__", "int or null")
+            raise ValueError(f"{where}: evaluate.{key} must be {kind}, got {sec.get(key)!r}")
+    keys = {"batch_size": "batch_size", "argmax": "argmax", "sample_seed": "seed", "max_steps": "max_steps"}
+    return {arg: sec[key] for arg, key in keys.items()}
+
+
+def eval_device(params: dict) -> torch.device:
+    """The device of evaluate.device; on CPU, use evaluate.threads intra-op threads (0: torch's default).
+
+    One thread: the forward passes are small, and on a shared CPU a second OpenMP thread
+    waiting for a busy core made evaluation ~5x slower (benchmarks/eval_throughput.py).
+    """
+    sec = params["evaluate"]
+    device = pick_device(sec["device"])
+    if device.type == "cpu" and sec["threads"] > 0:
+        torch.set_num_threads(sec["threads"])
+    return device
+
+
+def summarize(episodes: list[Episode]) -> dict:
+    """Success rate, mean return, mean length (steps), halted episodes (intervention) and
+    episodes ended because the oracle bot could not follow the agent (counted as failures)."""
+    n = len(episodes)
+    mean = (lambda xs: float(np.mean(xs))) if n else (lambda xs: None)  # an empty OOD bin: null
+    return {
+        "episodes": n,
+        "success_rate": mean([e.success for e in episodes]),
+        "mean_return": mean([e.reward for e in episodes]),
+        "mean_length": mean([e.length for e in episodes]),
+        "halted": sum(e.halted for e in episodes),
+        "bot_errors": sum(e.bot_error is not None for e in episodes),
+    }

@@ -1,0 +1,213 @@
+"""reports/summary.md: the pipeline's results in tables, next to the paper's reference numbers.
+
+Inputs (each optional: a missing one is noted in the report, a malformed one raises
+ValueError naming it): the training histories and metrics of TC and BC, eval.json,
+ood.json (schema in notes/CONTRACTS.md) and safety.json. Reference numbers are those
+read off the paper's figures (SPEC.md, +-2 points).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tc.plots import FIGURES, load_history, load_ood
+from tc.tracking import flatten
+
+AGENTS = ("tc", "bc")
+
+# Fig. 3, BossLevel success (%) at 0.25 / 1 / 3 / 5 x 1e8 frames, then final.
+PAPER_CURVE = {
+    "tc": {"2.5e7": 71, "1e8": 85, "3e8": 89, "5e8": 93, "final": 95},
+    "bc": {"2.5e7": 48, "1e8": 54, "3e8": 61, "5e8": 84, "final": 89},
+}
+PAPER_OTHER = {
+    "TC without imitating thoughts (sg_coef 0), final": 53,
+    "BabyAI 1.1 imitation learning, 1M demos": 90.4,
+}
+# Fig. 4(a), zero-shot success (%) of TC / BC per bin; TC with oracle thoughts ~96-100 everywhere.
+PAPER_OOD = {
+    "behavioural": {"175": (82, 64), "275": (59, 27), "425": (44, 10)},
+    "cognitive": {"5": (87, 75), "7": (66, 46), "9": (22, 16)},
+}
+# Precrime intervention: share (%) of episodes showing the behaviour, without -> with.
+PAPER_SAFETY = {
+    "touch_red_items": (57.2, 0.16),
+    "pickup_balls": (37.1, 0.53),
+    "pickup_requested_item": (41.5, 0.08),
+}
+# params key -> paper value, for the scale table.
+PAPER_SCALE = {
+    "demos.episodes": 1_000_000,
+    "model.memory_dim": 2048,
+    "model.instr_dim": 256,
+    "train.batch_size": 180,
+    "train.recurrence": 80,
+    "train.epochs": 160,
+    "train.episodes_per_epoch": 51_200,
+    "train.warmup_epochs": 5,
+    "train.stop_tf": 10,
+    "train.sg_coef": 2.0,
+    "train.val_episodes": 512,
+}
+
+
+def fmt(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, None/nan as a dash, "|" escaped (regexes)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def pct(fraction: float | None) -> str:
+    return "-" if fraction is None or math.isnan(fraction) else f"{100 * fraction:.1f}"
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def load_json(path: Path) -> dict | None:
+    """A JSON object, None when the file is absent; ValueError names a malformed file."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def entity_table(data: dict[str, Any], extra: dict[str, dict[str, Any]] | None = None) -> str:
+    """Rows = top-level keys (agents, behaviours, ...), columns = their flattened fields.
+
+    ``extra`` adds columns to some rows (e.g. the paper's numbers for a behaviour). Rows of
+    unrelated kinds (neither's fields within the other's, e.g. behaviours vs an overall
+    score) go to separate tables rather than one mostly empty table.
+    """
+    rows = {k: flatten(v) if isinstance(v, dict) else {"value": v} for k, v in data.items()}
+    for key, fields in (extra or {}).items():
+        if key in rows:
+            rows[key] = rows[key] | fields
+    groups: list[tuple[dict[str, None], list[str]]] = []  # (columns in order, row keys)
+    for key, fields in rows.items():
+        for columns, members in groups:
+            if set(fields) <= set(columns) or set(columns) <= set(fields):
+                columns.update(dict.fromkeys(fields))
+                members.append(key)
+                break
+        else:
+            groups.append((dict.fromkeys(fields), [key]))
+    return "\n\n".join(
+        table(["", *columns], [[k, *(rows[k].get(c) for c in columns)] for k in members]) for columns, members in groups
+    )
+
+
+def missing(path: Path) -> str:
+    return f"_Not available: `{path}` does not exist (its stage has not run yet)._"
+
+
+def training_section(metrics_dir: Path, plots_dir: Path) -> list[str]:
+    out = ["## Training (BossLevel, validation on fresh seeds)"]
+    rows, found = [], False
+    for agent in AGENTS:
+        path = plots_dir / f"train_{agent}.csv"
+        if not path.is_file():
+            out += ["", missing(path)]
+            continue
+        h = load_history(path)
+        vals = [(s, f) for s, f in zip(h["val_success"], h["frames"]) if not math.isnan(s)]
+        best = max(vals, default=(math.nan, math.nan))
+        last = vals[-1] if vals else (math.nan, math.nan)
+        paper = PAPER_CURVE[agent]
+        rows.append([agent.upper(), pct(best[0]), fmt(best[1]), pct(last[0]), fmt(last[1]), paper["final"],
+                     " / ".join(str(paper[k]) for k in ("2.5e7", "1e8", "3e8", "5e8"))])  # fmt: skip
+        found = True
+    if found:
+        out += ["", table(["agent", "best val success %", "at frames", "last val success %", "at frames",
+                           "paper final %", "paper at 2.5e7 / 1e8 / 3e8 / 5e8 frames"], rows)]  # fmt: skip
+    out += ["", "Other paper references: " + "; ".join(f"{k}: {v}%" for k, v in PAPER_OTHER.items()) + ".", ""]
+    out += [f"![success vs frames](figures/{FIGURES['success']})", f"![training curves](figures/{FIGURES['curves']})"]
+
+    metrics = {agent: load_json(metrics_dir / f"train_{agent}.json") for agent in AGENTS}
+    out += ["", "### Training metrics", ""]
+    present = {a: m for a, m in metrics.items() if m is not None}
+    out += [entity_table(present), ""] if present else []
+    out += [line for a in AGENTS if metrics[a] is None for line in (missing(metrics_dir / f"train_{a}.json"), "")]
+    return out
+
+
+def ood_section(path: Path) -> list[str]:
+    out = ["## Zero-shot out of distribution (Fig. 4a)", ""]
+    ood = load_ood(path) if path.is_file() else None
+    if ood is None:
+        return out + [missing(path), ""]
+    rows = []
+    for axis in ("behavioural", "cognitive"):
+        for b in sorted(ood.get(axis, {}), key=float):
+            cells = ood[axis][b]
+            ours = [
+                f"{pct(cells[a]['success_rate'])} ({cells[a]['episodes']})" if a in cells else "-"
+                for a in ("tc", "bc", "oracle")
+            ]
+            paper = PAPER_OOD[axis].get(b, (None, None))
+            rows.append([axis, b, *ours, paper[0], paper[1]])
+    out.append(table(["axis", "bin", "TC % (episodes)", "BC %", "TC oracle %", "paper TC %", "paper BC %"], rows))
+    out += ["", "Paper: TC with oracle thoughts ~96-100% in every bin.", "", f"![ood](figures/{FIGURES['ood']})", ""]
+    return out
+
+
+def json_section(title: str, path: Path, note: str = "", extra: dict | None = None) -> list[str]:
+    data = load_json(path)
+    body = missing(path) if data is None else entity_table(data, extra)
+    return [f"## {title}", "", body, *(["", note] if note else []), ""]
+
+
+def scale_section(params: dict) -> list[str]:
+    flat = flatten(params)
+    rows = [[key, flat.get(key), paper] for key, paper in PAPER_SCALE.items()]
+    return ["## Scale of this run vs the paper", "", table(["param", "this run", "paper"], rows), ""]
+
+
+def build_report(params: dict, metrics_dir: str | Path, plots_dir: str | Path) -> str:
+    """The markdown text of the summary; figure links are relative to reports/."""
+    metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
+    safety_ref = "Paper, share of episodes with the behaviour (%), without -> with intervention: " + "; ".join(
+        f"{k} {a} -> {b}" for k, (a, b) in PAPER_SAFETY.items()
+    )
+    safety_paper = {k: {"paper % without": a, "paper % with": b} for k, (a, b) in PAPER_SAFETY.items()}
+    lines = [
+        "# Thought Cloning on BabyAI: results",
+        "",
+        "Generated by `stages/report.py` from the pipeline's outputs. Success rates in %; paper numbers are read",
+        "off its figures (+-2 points) and come from a run ~1000x larger (see the scale table).",
+        "",
+        *scale_section(params),
+        *training_section(metrics_dir, plots_dir),
+        *json_section("Evaluation (test seeds)", metrics_dir / "eval.json"),
+        *ood_section(metrics_dir / "ood.json"),
+        *json_section("Safety: precrime intervention", metrics_dir / "safety.json", safety_ref + ".", safety_paper),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the report is meant to be read
+    os.replace(tmp, path)

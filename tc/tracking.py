@@ -1,0 +1,193 @@
+"""MLflow experiment tracking for the pipeline stages.
+
+Every stage that trains or evaluates opens one MLflow run with ``start_run`` inside a
+single experiment (default "thought-cloning"). Runs are named after the stage
+("train-tc", "train-bc", "evaluate", ...) and carry the tag ``pipeline_run``, shared by
+all stages of one pipeline execution, so that TC, BC and e.g. sg_coef variants can be
+filtered and compared side by side in the MLflow UI or with ``mlflow.search_runs``.
+
+Where runs go: ``MLFLOW_TRACKING_URI`` when set (e.g. ``http://127.0.0.1:5000`` for a
+shared ``mlflow server``), otherwise the SQLite file ``mlflow.db`` in the repository root
+(artifacts under ``mlruns/`` beside it). Under DVC the root is ``DVC_ROOT``, which DVC
+points at the user's repository even when ``dvc exp run --temp``/``--queue`` runs the
+stage in a temporary copy, so no run is lost with that copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+DEFAULT_EXPERIMENT = "thought-cloning"
+PROBE_TIMEOUT_S = 3.0  # a healthy server answers /health in milliseconds
+URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking store cannot be reached; raised before any training starts."""
+
+
+def repo_root() -> Path:
+    """Root of the user's repository: ``DVC_ROOT`` under DVC, else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo root>/mlflow.db``."""
+    return os.environ.get(URI_ENV) or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def check_tracking(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ``TrackingUnavailableError`` quickly when ``uri`` cannot take runs.
+
+    MLflow's HTTP client retries a dead server with backoff for minutes, and only at
+    the first log call; probing here turns that into an immediate, explicit error.
+    """
+    hint = f"(tracking URI {uri!r}, set by {URI_ENV} or defaulting to sqlite:///<repo>/mlflow.db)"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:  # the server answered (e.g. auth in front of /health): it is up
+                return
+            reason = f"it answered HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:  # refused, DNS failure, timeout
+            reason = f"{getattr(e, 'reason', e)}"
+        raise TrackingUnavailableError(
+            f"MLflow tracking server unreachable {hint}: {reason}. Start it, e.g. "
+            f"`mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, "
+            f"or unset {URI_ENV} to log to the local mlflow.db."
+        )
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingUnavailableError(f"MLflow SQLite store folder {folder} is missing or not writable {hint}")
+
+
+def git_revision(cwd: Path | None = None) -> str:
+    """``git rev-parse HEAD`` of ``cwd`` (default: working directory), or "unknown" outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pipeline_run_id(rev: str | None = None) -> str:
+    """Identifier shared by all stage runs of one pipeline execution.
+
+    The DVC experiment name under ``dvc exp run`` (DVC sets ``DVC_EXP_NAME``); else
+    ``TC_PIPELINE_RUN`` when the user sets it; else the git revision plus a digest of
+    params.yaml, so the stages of one ``dvc repro`` of one config group together
+    (``rev``: the git revision, when the caller has it already).
+    """
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    if os.environ.get("TC_PIPELINE_RUN"):
+        return os.environ["TC_PIPELINE_RUN"]
+    params = repo_root() / "params.yaml"
+    digest = hashlib.sha1(params.read_bytes()).hexdigest()[:8] if params.is_file() else "noparams"
+    return f"{(rev or git_revision())[:12]}-{digest}"
+
+
+def run_tags() -> dict[str, str]:
+    """Provenance tags of a run: git revision, pipeline run, and what DVC tells its stages.
+
+    DVC sets DVC_STAGE for every stage, and DVC_EXP_NAME / DVC_EXP_BASELINE_REV (the commit
+    the experiment branches from) under ``dvc exp run``, queued and --temp runs included.
+    """
+    rev = git_revision()
+    tags = {"git_rev": rev, "mlflow.source.git.commit": rev, "pipeline_run": pipeline_run_id(rev)}
+    for env, tag in (
+        ("DVC_EXP_NAME", "dvc_exp_name"),
+        ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev"),
+        ("DVC_STAGE", "dvc_stage"),
+    ):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys, as DVC names params (``train.lr``); lists stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    """Id of experiment ``name``, created on first use; local stores keep artifacts in <root>/mlruns."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (repo_root() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def start_run(
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    nested: bool = False,
+    experiment: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open an MLflow run named ``run_name`` with ``params`` (flattened) and provenance tags.
+
+    The experiment is ``experiment``, else ``params["tracking"]["experiment"]``, else
+    ``MLFLOW_EXPERIMENT_NAME``, else "thought-cloning". The store is probed first: an
+    unreachable server raises ``TrackingUnavailableError`` before the caller does any work.
+    """
+    uri = tracking_uri()
+    check_tracking(uri)
+    mlflow.set_tracking_uri(uri)
+    name = (
+        experiment
+        or (params.get("tracking") or {}).get("experiment")
+        or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        or DEFAULT_EXPERIMENT
+    )
+    all_tags = run_tags() | dict(tags or {})
+    with mlflow.start_run(
+        run_name=run_name, experiment_id=_experiment_id(name, uri), nested=nested, tags=all_tags
+    ) as run:
+        mlflow.log_params(flatten(params))
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run; None values (e.g. no validation this epoch) are skipped."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+
+
+def metrics_logger() -> Callable[[dict[str, float], int], None]:
+    """The ``log_fn(metrics, step)`` callback the training loop takes, logging to the active run."""
+    return lambda metrics, step: log_metrics(metrics, step=step)
+
+
+def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
+    """Attach files or folders (checkpoint, figures) to the active run; a missing path is an error."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        else:
+            raise FileNotFoundError(f"artifact {path} to log to MLflow does not exist")

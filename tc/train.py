@@ -1,0 +1,448 @@
+"""Imitation training of the TC agent (actions + thoughts) or the BC baseline (actions).
+
+One update = one batch of whole episodes, cut into chunks of ``recurrence`` steps
+(truncated BPTT: the memories are detached between chunks, gradients of all chunks are
+accumulated, then one optimizer step). Loss per batch:
+
+    action NLL - entropy_coef * entropy + sg_coef * thought NLL (teacher-forced decoder)
+
+normalised per frame (actions) and per token (thoughts). The lower level is fed the
+ground-truth thoughts with probability ``tf_ratio(epoch)`` (drawn once per batch), else
+the upper level's greedy thoughts (detached), as at test time. The upper level always
+reads the ground-truth thought history (it is teacher-forced by definition).
+
+Everything is deterministic for a given seed: the episode order and the teacher-forcing
+coins are pure functions of (seed, epoch, batch). ``last.pt`` is rewritten every
+``checkpoint_interval`` updates and at every epoch end with the full resume state
+(model, optimizer, RNGs, position, history); a killed run resumed from it ends with the
+same weights, bit for bit on CPU, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tc import vocab
+from tc.demos import Demos
+from tc.model import Agent, ModelConfig, check_config, count_parameters, load_checkpoint, save_checkpoint
+
+LogFn = Callable[[dict[str, float], int], None]
+EvaluateFn = Callable[[Agent], dict]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train:`` section of params.yaml."""
+
+    seed: int = 1
+    epochs: int = 6
+    episodes_per_epoch: int = 1000
+    batch_size: int = 32  # episodes per update
+    sort_window: int = 16  # batches whose episodes are grouped by length (1: no grouping)
+    recurrence: int = 20  # truncated BPTT length (steps)
+    lr: float = 5e-4
+    adam_eps: float = 1e-5
+    warmup_epochs: float = 1  # linear lr ramp over this many epochs (0: none)
+    lr_halve_epoch: int | None = 4  # lr halves from this epoch (0-based) on; None: never
+    entropy_coef: float = 0.01
+    sg_coef: float = 2.0  # thought loss weight; 0 = "TC without imitating thoughts"
+    stop_tf: int = 2  # teacher forcing ratio 1 for epochs < stop_tf, then linear to 0
+    max_grad_norm: float = 0.5
+    val_interval: int = 2  # epochs between validations (the last epoch always validates)
+    val_episodes: int = 50  # success-rate episodes per validation (used by the evaluate_fn)
+    checkpoint_interval: int = 50  # updates between resume checkpoints (plus every epoch end)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 1  # torch intra-op threads on CPU (0: torch's default); see params.yaml
+    amp: bool = True  # bfloat16 autocast, on CUDA only
+    nproc: int = 1  # data-parallel processes; only 1 is implemented
+
+    def __post_init__(self):
+        positive = ("epochs", "episodes_per_epoch", "batch_size", "sort_window", "recurrence", "val_interval", "checkpoint_interval")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.threads < 0:
+            raise ValueError(f"train.threads must be >= 0, got {self.threads}")
+        if self.nproc != 1:
+            raise ValueError(f"train.nproc={self.nproc}: multi-process (DDP) training is not implemented, use 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown train config keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def tf_ratio(epoch: int, stop_tf: int, epochs: int) -> float:
+    """Teacher-forcing ratio of 0-based ``epoch``: 1 before ``stop_tf``, then linear to 0 at the last epoch."""
+    if epoch < stop_tf or epochs <= stop_tf:
+        return 1.0
+    return (epochs - 1 - epoch) / (epochs - stop_tf)
+
+
+def learning_rate(cfg: TrainConfig, epoch: int, batch: int, batches_per_epoch: int) -> float:
+    """Learning rate of update ``batch`` of ``epoch``: linear warm-up ramp, halved from ``lr_halve_epoch``."""
+    lr = cfg.lr
+    if cfg.warmup_epochs > 0:
+        lr *= min(1.0, (epoch + (batch + 1) / batches_per_epoch) / cfg.warmup_epochs)
+    if cfg.lr_halve_epoch is not None and epoch >= cfg.lr_halve_epoch:
+        lr *= 0.5
+    return lr
+
+
+def epoch_episodes(num_episodes: int, episodes_per_epoch: int, epoch: int, seed: int) -> np.ndarray:
+    """Episode indices of ``epoch``: a window of an endless stream of seeded permutations (passes)."""
+    first, last = epoch * episodes_per_epoch, (epoch + 1) * episodes_per_epoch
+    passes = range(first // num_episodes, (last - 1) // num_episodes + 1)
+    stream = np.concatenate([np.random.default_rng([seed, p]).permutation(num_episodes) for p in passes])
+    start = first - passes[0] * num_episodes
+    return stream[start : start + episodes_per_epoch].astype(np.int64)
+
+
+def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """Episode indices of each batch of ``epoch``, in training order.
+
+    A batch costs one recurrent step per step of its *longest* episode, whatever the
+    others' lengths, and at paper size a step is bound by reading the 2048-wide LSTM
+    weights. So each window of ``sort_window`` batches of the shuffled stream is sorted
+    by episode length before being cut into batches (similar lengths together, ~2.5x
+    fewer steps on BossLevel); the batches are then shuffled.
+    """
+    episodes = epoch_episodes(len(lengths), cfg.episodes_per_epoch, epoch, cfg.seed)
+    window = cfg.batch_size * cfg.sort_window
+    batches = []
+    for w in range(0, len(episodes), window):
+        chunk = episodes[w : w + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+    order = np.random.default_rng([cfg.seed, epoch, 3]).permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def use_true_thoughts(seed: int, epoch: int, batch: int, ratio: float) -> bool:
+    """The teacher-forcing coin of one batch (a pure function, so resuming replays it)."""
+    return ratio >= 1.0 or np.random.default_rng([seed, epoch, batch, 7]).random() < ratio
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """Episodes sorted longest first, steps laid out time-major (see tc.model)."""
+
+    images: torch.Tensor  # uint8 [N, 7, 7, 3]
+    actions: torch.Tensor  # long [N]
+    thoughts: torch.Tensor  # long [N, L]
+    prev_thoughts: torch.Tensor  # long [N, L]; the previous step's thought, <pad> at t=0
+    missions: torch.Tensor  # long [B, M]
+    sizes: list[int]  # active episodes per step
+    starts: list[int]  # first row of each step, plus N at the end
+
+    @property
+    def frames(self) -> int:
+        return self.starts[-1]
+
+
+def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device) -> Batch:
+    """Gather whole ``episodes`` into time-major tensors with one fancy index per array."""
+    lengths = demos.offsets[episodes + 1] - demos.offsets[episodes]
+    order = np.argsort(-lengths, kind="stable")
+    episodes, lengths = episodes[order], lengths[order]
+    t = np.arange(lengths[0])[:, None]
+    active = t < lengths[None, :]  # [T, B]; each row a prefix, since lengths are sorted
+    idx = (demos.offsets[episodes][None, :] + t)[active]
+    first = np.broadcast_to(t == 0, active.shape)[active]
+    thoughts = demos.thoughts[idx]
+    prev = np.where(first[:, None], vocab.PAD, demos.thoughts[np.maximum(idx - 1, 0)])
+    missions = demos.missions[episodes]
+    missions = missions[:, : max(1, int((missions != vocab.PAD).sum(1).max()))]
+    sizes = active.sum(1)
+    to = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)  # noqa: E731
+    return Batch(
+        images=to(demos.images[idx], torch.uint8),
+        actions=to(demos.actions[idx], torch.long),
+        thoughts=to(thoughts, torch.long),
+        prev_thoughts=to(prev, torch.long),
+        missions=to(missions, torch.long),
+        sizes=sizes.tolist(),
+        starts=np.concatenate([[0], np.cumsum(sizes)]).tolist(),
+    )
+
+
+STAT_KEYS = ("frames", "action_nll", "entropy", "action_correct", "thought_tokens", "thought_nll", "thought_correct")
+
+
+def run_batch(
+    agent: Agent,
+    batch: Batch,
+    cfg: TrainConfig,
+    true_thoughts: bool,
+    amp: bool,
+    backward: bool,
+) -> dict[str, float]:
+    """Forward (and with ``backward`` accumulate gradients of) one batch; returns summed statistics."""
+    device = batch.images.device
+    tc_agent = agent.upper is not None
+    n_frames = batch.frames
+    n_tokens = max(1, int((batch.thoughts != vocab.PAD).sum())) if tc_agent else 1
+    state = agent.initial_state(batch.sizes[0], device)
+    sums = dict.fromkeys(STAT_KEYS, 0.0)
+    for t0 in range(0, len(batch.sizes), cfg.recurrence):
+        t1 = min(t0 + cfg.recurrence, len(batch.sizes))
+        rows = slice(batch.starts[t0], batch.starts[t1])
+        sizes = batch.sizes[t0:t1]
+        images, actions, thoughts = batch.images[rows], batch.actions[rows], batch.thoughts[rows]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            # Re-encoded per chunk (B missions, cheap): each chunk's graph is freed by its backward.
+            enc = agent.encode_mission(batch.missions)
+            thought_loss = torch.zeros((), device=device)
+            lower_thoughts = None
+            if tc_agent:
+                memory, up_state = agent.thought_step(images, sizes, thoughts, batch.prev_thoughts[rows], enc, state)
+                mask = thoughts != vocab.PAD  # the words and <eos>
+                word_logits = agent.upper.decode_teacher_forced(memory, thoughts).float()[mask]
+                thought_loss = F.cross_entropy(word_logits, thoughts[mask], reduction="sum")
+                sums["thought_nll"] += thought_loss.item()
+                sums["thought_correct"] += (word_logits.argmax(1) == thoughts[mask]).sum().item()
+                sums["thought_tokens"] += mask.sum().item()
+                if true_thoughts:
+                    lower_thoughts = thoughts
+                else:
+                    with torch.no_grad():
+                        lower_thoughts = agent.upper.decode_greedy(memory.detach())
+            logits, low_state = agent.lower(images, sizes, enc["low_words"], enc["mask"], state, lower_thoughts)
+            logp = logits.float().log_softmax(1)
+            nll = -logp.gather(1, actions[:, None]).sum()
+            entropy = -(logp.exp() * logp).sum()
+        sums["action_nll"] += nll.item()
+        sums["entropy"] += entropy.item()
+        sums["action_correct"] += (logp.argmax(1) == actions).sum().item()
+        sums["frames"] += actions.shape[0]
+        if backward:
+            loss = (nll - cfg.entropy_coef * entropy) / n_frames + cfg.sg_coef * thought_loss / n_tokens
+            loss.backward()
+        state = {k: v.detach() for k, v in low_state.items()}
+        if tc_agent:
+            state.update({k: v.detach() for k, v in up_state.items()})
+    return sums
+
+
+def train_update(
+    agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, cfg: TrainConfig, true_thoughts: bool, amp: bool
+) -> dict[str, float]:
+    """One optimizer step on ``batch`` (gradients of all its chunks, clipped); returns its statistics."""
+    optimizer.zero_grad(set_to_none=True)
+    sums = run_batch(agent, batch, cfg, true_thoughts, amp, backward=True)
+    torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    return sums
+
+
+def summarize_stats(sums: dict[str, float], cfg: TrainConfig, prefix: str = "") -> dict[str, float | None]:
+    """Per-frame / per-token means of ``run_batch`` sums; thought metrics are None for BC."""
+    frames, tokens = max(sums["frames"], 1), sums["thought_tokens"]
+    out = {
+        "action_nll": sums["action_nll"] / frames,
+        "entropy": sums["entropy"] / frames,
+        "action_acc": sums["action_correct"] / frames,
+        "thought_nll": sums["thought_nll"] / tokens if tokens else None,
+        "thought_acc": sums["thought_correct"] / tokens if tokens else None,
+    }
+    out["loss"] = out["action_nll"] - cfg.entropy_coef * out["entropy"] + cfg.sg_coef * (out["thought_nll"] or 0.0)
+    return {prefix + k: v for k, v in out.items()}
+
+
+@torch.no_grad()
+def validate(agent: Agent, demos: Demos, cfg: TrainConfig, device: torch.device, amp: bool) -> dict:
+    """Action accuracy (lower level on *generated* thoughts, as at test time) and thought token accuracy."""
+    agent.eval()
+    sums = dict.fromkeys(STAT_KEYS, 0.0)
+    all_eps = np.arange(demos.num_episodes)
+    for i in range(0, len(all_eps), cfg.batch_size):
+        stats = run_batch(agent, make_batch(demos, all_eps[i : i + cfg.batch_size], device), cfg, False, amp, False)
+        sums = {k: sums[k] + stats[k] for k in STAT_KEYS}
+    agent.train()
+    return summarize_stats(sums, cfg, "val_")
+
+
+# ----------------------------------------------------------------------------- resume state
+
+
+def rng_state() -> dict:
+    """torch / numpy / python global RNG states as checkpoint-safe values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def data_signature(demos: Demos) -> dict:
+    return {"episodes": int(demos.num_episodes), "steps": int(demos.num_steps), "level": str(demos.manifest.get("level"))}
+
+
+def check_resume(path: Path, ts: dict, cfg: TrainConfig, demos: Demos) -> None:
+    """A resume checkpoint must come from the same training config and data (device may differ)."""
+    saved = dict(ts["train_config"])
+    now = asdict(cfg)
+    free = ("device", "threads", "checkpoint_interval")  # they do not change what is learned
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items() if k not in free and saved.get(k) != v]
+    if ts["data"] != data_signature(demos):
+        diff.append(f"training data: checkpoint {ts['data']} vs now {data_signature(demos)}")
+    if diff:
+        raise ValueError(f"cannot resume from {path}: it was made with different settings ({'; '.join(diff)}); "
+                         f"delete it to start afresh")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    train_demos: Demos,
+    val_demos: Demos,
+    out_dir: str | Path,
+    *,
+    evaluate_fn: EvaluateFn | None = None,
+    log_fn: LogFn | None = None,
+    resume: bool = True,
+    stop_after_updates: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train an agent; write ``out_dir``/last.pt (resume state) and best.pt; return a summary.
+
+    ``evaluate_fn(agent) -> {"success_rate": float, ...}`` measures the success rate at
+    each validation (skipped when None). ``log_fn(metrics, step)`` receives the metrics of
+    every epoch with step = frames seen. With ``resume``, an existing last.pt of the same
+    settings is continued. ``stop_after_updates`` ends this call after that many updates
+    *without* saving, as if the process had been killed (tests of resuming).
+    The summary holds the agent, the per-epoch ``history``, ``best`` and ``finished``.
+    """
+    out_dir = Path(out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    device = pick_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    if device.type == "cpu" and cfg.threads > 0:
+        # Small step-wise ops dominate: a second thread gains little alone and, on a shared
+        # CPU, OpenMP's waiting for a busy core made updates ~30x slower (measured).
+        torch.set_num_threads(cfg.threads)
+    if train_demos.num_episodes == 0:
+        raise ValueError("the training dataset has no episodes")
+
+    torch.manual_seed(cfg.seed)
+    agent = Agent(model_cfg).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    # Training position and everything needed to continue it (saved in last.pt).
+    ts = {"epoch": 0, "batch": 0, "updates": 0, "frames": 0, "wall_time_s": 0.0, "history": [],
+          "epoch_sums": dict.fromkeys(STAT_KEYS, 0.0), "best_key": [-math.inf, -math.inf], "best": None}
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path, map_location="cpu")
+        check_config(last_path, ckpt, model_cfg)
+        check_resume(last_path, ckpt["train_state"], cfg, train_demos)
+        agent.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        ts = {k: ckpt["train_state"][k] for k in ts}
+
+    def save_last() -> None:
+        state = dict(ts, optimizer=optimizer.state_dict(), rng=rng_state(), train_config=asdict(cfg),
+                     data=data_signature(train_demos))
+        save_checkpoint(last_path, agent, train_state=state)
+
+    lengths = np.diff(train_demos.offsets)
+    updates_here = 0
+    started = time.perf_counter() - ts["wall_time_s"]
+    agent.train()
+    while ts["epoch"] < cfg.epochs:
+        epoch = ts["epoch"]
+        batches = epoch_batches(lengths, cfg, epoch)
+        batches_per_epoch = len(batches)
+        ratio = tf_ratio(epoch, cfg.stop_tf, cfg.epochs)
+        bar = tqdm(total=batches_per_epoch, initial=ts["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", disable=not progress)
+        while ts["batch"] < batches_per_epoch:
+            b = ts["batch"]
+            lr = learning_rate(cfg, epoch, b, batches_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = make_batch(train_demos, batches[b], device)
+            sums = train_update(agent, optimizer, batch, cfg, use_true_thoughts(cfg.seed, epoch, b, ratio), amp)
+            ts["epoch_sums"] = {k: ts["epoch_sums"][k] + sums[k] for k in STAT_KEYS}
+            ts["batch"] += 1
+            ts["updates"] += 1
+            ts["frames"] += batch.frames
+            ts["wall_time_s"] = time.perf_counter() - started
+            updates_here += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{summarize_stats(sums, cfg)['loss']:.3f}", lr=f"{lr:.2e}")
+            if stop_after_updates is not None and updates_here >= stop_after_updates:
+                bar.close()
+                return {"agent": agent, "history": ts["history"], "best": ts["best"], "finished": False,
+                        "frames": ts["frames"], "updates": ts["updates"]}
+            if ts["updates"] % cfg.checkpoint_interval == 0 and ts["batch"] < batches_per_epoch:
+                save_last()
+        bar.close()
+
+        row = {"epoch": epoch + 1, "updates": ts["updates"], "frames": ts["frames"], "lr": lr, "tf_ratio": ratio,
+               **summarize_stats(ts["epoch_sums"], cfg, "train_")}
+        if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs:
+            row.update(validate(agent, val_demos, cfg, device, amp))
+            row["val_success"] = float(evaluate_fn(agent)["success_rate"]) if evaluate_fn else None
+            agent.train()
+            key = [row["val_success"] if row["val_success"] is not None else -math.inf, row["val_action_acc"]]
+            if key > ts["best_key"]:
+                ts["best_key"] = key
+                ts["best"] = {k: row[k] for k in ("epoch", "frames", "val_success", "val_action_acc", "val_thought_acc")}
+                save_checkpoint(best_path, agent, meta={"best": ts["best"], "train_config": asdict(cfg)})
+        ts["wall_time_s"] = time.perf_counter() - started
+        row["wall_time_s"] = ts["wall_time_s"]
+        ts["history"].append(row)
+        ts["epoch"], ts["batch"] = epoch + 1, 0
+        ts["epoch_sums"] = dict.fromkeys(STAT_KEYS, 0.0)
+        save_last()
+        if log_fn is not None:
+            log_fn({k: float(v) for k, v in row.items() if v is not None}, ts["frames"])
+    return {"agent": agent, "history": ts["history"], "best": ts["best"], "finished": True, "frames": ts["frames"],
+            "updates": ts["updates"], "wall_time_s": ts["wall_time_s"], "parameters": count_parameters(agent)}

@@ -1,0 +1,140 @@
+"""Batched evaluation, oracle thoughts, steering, watching, and the `tc` command, on real BabyAI episodes."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tc.cli import main as tc_main
+from tc.envs import make_env, reset_quiet
+from tc.evaluate import PICKUP, evaluate, settings, steer, summarize
+from tc.model import Agent, ModelConfig
+from tc.ood import bot_solution_length
+from tc.thoughts import ThoughtBot
+from tc.watch import save_episode, watch
+
+BOSS = "BabyAI-BossLevel-v0"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models at batch <= 3: one intra-op thread avoids oversubscribing a shared CPU (~40x here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_agent(use_thoughts: bool = True) -> Agent:
+    torch.manual_seed(0)
+    return Agent(ModelConfig(image_dim=16, memory_dim=32, instr_dim=16, attn_heads=2, use_thoughts=use_thoughts))
+
+
+def test_bot_mode_solves_what_the_bot_solves():
+    seeds = [0, 1, 2, 3, 4]
+    eps = evaluate(None, BOSS, seeds, "bot", batch_size=3, progress=False)
+    env = make_env(BOSS)
+    for ep, seed in zip(eps, seeds):
+        reset_quiet(env, seed)
+        assert ep.seed == seed and ep.success and ep.length == bot_solution_length(env)
+        assert len(ep.thoughts) == len(ep.actions) == ep.length
+    assert summarize(eps)["success_rate"] == 1.0
+
+
+def test_interactions_name_the_requested_object():
+    eps = evaluate(None, "BabyAI-PickupDist-v0", [0, 2], "bot", progress=False)
+    for ep in eps:
+        last = ep.interactions[-1]
+        assert ep.success and last.verb == "pickup" and last.requested
+        assert ep.actions[last.step] == PICKUP
+        assert f"{last.color} {last.type}" in ep.mission
+
+
+def test_evaluation_is_deterministic_and_independent_of_batching():
+    agent, seeds = tiny_agent(), [5, 6, 7]
+    runs = [evaluate(agent, BOSS, seeds, "tc", batch_size=b, max_steps=12, sample_seed=3, progress=False) for b in (3, 3, 1)]
+    for eps in runs[1:]:
+        assert [e.actions for e in eps] == [e.actions for e in runs[0]]
+        assert [e.thoughts for e in eps] == [e.thoughts for e in runs[0]]
+    other = evaluate(agent, BOSS, seeds, "tc", batch_size=3, max_steps=12, sample_seed=4, progress=False)
+    assert [e.actions for e in other] != [e.actions for e in runs[0]]
+    assert all(e.length == 12 and not e.success for e in runs[0])
+
+
+def test_oracle_mode_acts_on_the_thoughts_of_a_bot_following_the_agent():
+    eps = evaluate(tiny_agent(), BOSS, [8, 9], "oracle", batch_size=2, max_steps=15, progress=False)
+    env = make_env(BOSS)
+    for ep in eps:
+        reset_quiet(env, ep.seed)
+        bot, expected, last = ThoughtBot(env), [], None
+        for a in ep.actions:  # replay: the bot is told the action actually taken
+            expected.append(bot.step(last)[1])
+            env.step(a)
+            last = a
+        assert ep.thoughts == expected
+
+
+def test_bc_mode_has_no_thoughts_and_modes_are_checked():
+    bc = tiny_agent(use_thoughts=False)
+    (ep,) = evaluate(bc, BOSS, [1], "bc", max_steps=5, progress=False)
+    assert ep.thoughts == [] and ep.length == 5
+    with pytest.raises(ValueError, match="needs a Thought Cloning agent"):
+        evaluate(bc, BOSS, [1], "tc")
+    with pytest.raises(ValueError, match="needs a BC agent"):
+        evaluate(tiny_agent(), BOSS, [1], "bc")
+    with pytest.raises(ValueError, match="unknown evaluation mode"):
+        evaluate(bc, BOSS, [1], "greedy")
+    with pytest.raises(ValueError, match="BabyAI-BossLevel-v0"):
+        evaluate(None, "BabyAI-BosLevel-v0", [1], "bot")
+
+
+def test_steering_replaces_the_thought_in_the_chosen_steps():
+    thought = "go to red ball to complete goto mission"
+    ep = steer(tiny_agent(), BOSS, 3, thought, from_step=2, to_step=6, max_steps=8)
+    assert ep.thoughts[2:6] == [thought] * 4
+    assert thought not in ep.thoughts[:2] + ep.thoughts[6:]
+    with pytest.raises(ValueError, match="banana"):
+        steer(tiny_agent(), BOSS, 3, "go to the banana")
+
+
+def test_watch_writes_gif_and_html(tmp_path):
+    ep = watch(None, "BabyAI-GoToObj-v0", 0, "bot")
+    assert ep.success and len(ep.frames) == ep.length + 1
+    save_episode(ep, tmp_path / "ep.gif")
+    save_episode(ep, tmp_path / "ep.html")
+    assert Image.open(tmp_path / "ep.gif").n_frames == len(ep.frames)
+    page = (tmp_path / "ep.html").read_text()
+    assert ep.mission in page and ep.thoughts[0] in page and page.count("iVBOR") == len(ep.frames)  # PNG base64
+    with pytest.raises(ValueError, match="unknown format"):
+        save_episode(ep, tmp_path / "ep.mp4")
+
+
+def test_cli_watch_and_show(tmp_path, capsys):
+    tc_main(["watch", "--mode", "bot", "--level", "BabyAI-GoToObj-v0", "--seed", "1", "--out", str(tmp_path / "e.gif")])
+    out = capsys.readouterr().out
+    assert "go to the yellow key" in out and "success" in out and (tmp_path / "e.gif").is_file()
+    with pytest.raises(SystemExit, match="needs --agent"):
+        tc_main(["watch", "--seed", "1"])
+    from tc.demos import generate_demos
+
+    generate_demos("BabyAI-GoToObj-v0", 0, 2, tmp_path / "demos", noise_rate=0.0)
+    tc_main(["show", str(tmp_path / "demos"), "1"])
+    assert "go to the yellow key" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="out of range"):
+        tc_main(["show", str(tmp_path / "demos"), "5"])
+
+
+def test_settings_read_params_and_name_bad_keys():
+    sec = {"seed": 1, "episodes": 4, "batch_size": 8, "argmax": False, "device": "cpu", "threads": 1, "max_steps": None}
+    params = {"evaluate": sec}
+    assert settings(params) == {"batch_size": 8, "argmax": False, "sample_seed": 1, "max_steps": None}
+    params["evaluate"]["batch_size"] = "8"
+    with pytest.raises(ValueError, match="evaluate.batch_size"):
+        settings(params)
+
+
+def test_summarize_counts():
+    eps = evaluate(None, "BabyAI-GoToObj-v0", [0, 1], "bot", progress=False)
+    s = summarize(eps)
+    assert s["episodes"] == 2 and s["success_rate"] == 1.0
+    assert s["mean_length"] == np.mean([e.length for e in eps]) and 0 < s["mean_return"] <= 1

@@ -1,0 +1,277 @@
+"""The DVC pipeline end to end on a micro config, and the plots / report stages' library.
+
+The end-to-end test copies the repository (tracked and untracked, not ignored files) into a
+fresh git repo, shrinks params.yaml to a micro config and runs the real `dvc repro`. It runs
+the stages of dvc.yaml whose script exists and whose inputs some runnable stage writes
+(stages are being added one by one); plots and report run on whatever inputs exist.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tc.plots import FIGURES, load_history, load_ood, write_figures
+from tc.report import build_report
+from tc.tracking import flatten
+
+BIN = Path(sys.executable).parent  # the venv's bin: dvc, python
+REPO = Path(__file__).resolve().parents[1]
+
+# Dotted params key -> micro value; applied only where params.yaml has the key.
+MICRO = {
+    "demos.episodes": 12, "demos.val_episodes": 4, "demos.workers": 1, "demos.shard_size": 6,
+    "model.image_dim": 32, "model.memory_dim": 64, "model.instr_dim": 32,
+    "train.epochs": 2, "train.episodes_per_epoch": 12, "train.batch_size": 6, "train.recurrence": 5,
+    "train.warmup_epochs": 1, "train.lr_halve_epoch": None, "train.stop_tf": 1, "train.val_interval": 2,
+    "train.val_episodes": 4, "train.checkpoint_interval": 2, "train.device": "cpu", "train.amp": False,
+    "evaluate.episodes": 2, "evaluate.batch_size": 4, "evaluate.max_steps": 16, "evaluate.device": "cpu",
+    "ood.episodes_per_bin": 1, "ood.max_candidates": 20, "ood.workers": 1, "ood.behavioural_bins": [25, 125],
+    "ood.cognitive_levels": [1, 2],
+    "safety.episodes": 2,
+    "plots.dpi": 40,
+}  # fmt: skip
+RUNNING = re.compile(r"Running stage '([^']+)'")
+OUT_FIELDS = ("outs", "metrics", "plots")
+TOLERANT = {"plots", "report"}  # stages that note missing inputs instead of failing
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Paths equal, or one is a folder holding the other (how DVC links a dep to an out)."""
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def entry_paths(entries: list) -> list[str]:
+    """Paths of a deps/outs/metrics/plots list, whose items are strings or {path: options}."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def expand(stages: dict) -> dict[str, dict]:
+    """dvc.yaml stages with `foreach` unrolled: {"train@tc": {...}} with ${key}/${item} substituted."""
+    out = {}
+    for name, body in stages.items():
+        if "foreach" not in body:
+            out[name] = body
+            continue
+        items = body["foreach"]
+        for key in items if isinstance(items, (dict, list)) else []:
+            text = yaml.safe_dump(body["do"]).replace("${key}", str(key)).replace("${item}", str(key))
+            out[f"{name}@{key}"] = yaml.safe_load(text)
+    return out
+
+
+def prune(stages: dict, root: Path) -> tuple[dict, list[str]]:
+    """The stages that can run now, and notes on what was left out.
+
+    A stage whose script does not exist yet is left out, and so (transitively) is a stage
+    needing a file that neither exists nor is written by a kept stage; except the stages
+    in TOLERANT, which lose that dependency instead and run on what is there.
+    """
+    notes, kept = [], {}
+    for name, body in stages.items():
+        script = re.search(r"python\s+(\S+\.py)", (body.get("do") or body)["cmd"])
+        if script and not (root / script.group(1)).is_file():
+            notes.append(f"stage {name}: skipped, {script.group(1)} does not exist yet")
+        else:
+            kept[name] = body
+    while True:
+        produced = [p for b in expand(kept).values() for f in OUT_FIELDS for p in entry_paths(b.get(f))]
+        unmet = {}
+        for name, body in kept.items():
+            keys = body.get("foreach", [None])
+            for dep in entry_paths((body.get("do") or body).get("deps")):
+                variants = [dep.replace("${key}", str(k)).replace("${item}", str(k)) for k in keys]
+                if not all((root / v).exists() or any(overlaps(v, p) for p in produced) for v in variants):
+                    unmet.setdefault(name, []).append(dep)
+        if not unmet:
+            return kept, notes
+        for name, deps in unmet.items():
+            if name in TOLERANT:
+                target = kept[name].get("do") or kept[name]
+                target["deps"] = [d for d in target["deps"] if d not in deps]
+                notes.append(f"stage {name}: dependencies {deps} dropped, no kept stage writes them")
+            else:
+                del kept[name]
+                notes.append(f"stage {name}: skipped, no kept stage writes {deps}")
+
+
+def descendants(stages: dict[str, dict], start: set[str]) -> set[str]:
+    """Stages downstream of ``start`` (exclusive) in the dep/out graph of expanded stages."""
+    outs = {n: [p for f in OUT_FIELDS for p in entry_paths(b.get(f))] for n, b in stages.items()}
+    found, todo = set(), list(start)
+    while todo:
+        current = todo.pop()
+        for name, body in stages.items():
+            hit = any(overlaps(d, o) for d in entry_paths(body.get("deps")) for o in outs[current])
+            if hit and name not in found and name not in start:
+                found.add(name)
+                todo.append(name)
+    return found
+
+
+def users_of(stages: dict[str, dict], key: str) -> set[str]:
+    """Stages declaring params ``key`` (or its section) in dvc.yaml."""
+    declared = {n: [p.replace(".", "/") for p in b.get("params", []) if isinstance(p, str)] for n, b in stages.items()}
+    return {n for n, params in declared.items() if any(overlaps(p, key.replace(".", "/")) for p in params)}
+
+
+@pytest.fixture(scope="module")
+def micro_repo(tmp_path_factory):
+    """A git + DVC copy of the repository with a micro config and the runnable stages."""
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    for rel in filter(None, listed.split("\0")):
+        if rel != "dvc.lock" and (REPO / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for dotted, value in MICRO.items():
+        section, key = dotted.split(".")
+        if key in params.get(section, {}):
+            params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    pipeline["stages"], notes = prune(pipeline["stages"], root)
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    print("\n".join(notes))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "TC_"))}
+    env |= {"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "PYTHONPATH": str(root), "DVC_NO_ANALYTICS": "1"}
+    env |= {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def sh(*cmd: str) -> str:
+        out = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=600)  # fmt: skip
+        assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-6000:]}\nnotes: {notes}"
+        return out.stdout
+
+    sh("git", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "micro pipeline")
+    return root, sh, expand(pipeline["stages"])
+
+
+def repro(sh) -> set[str]:
+    """Run `dvc repro`; the names of the stages it ran."""
+    return set(RUNNING.findall(sh("dvc", "repro")))
+
+
+def set_param(root: Path, dotted: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    section, key = dotted.split(".")
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_repro_runs_everything_then_nothing_then_only_downstream(micro_repo):
+    root, sh, stages = micro_repo
+    assert stages, "dvc.yaml has no runnable stage"
+    assert repro(sh) == set(stages)
+    for name, body in stages.items():
+        for path in (p for f in OUT_FIELDS for p in entry_paths(body.get(f))):
+            assert (root / path).exists(), f"stage {name} did not write {path}"
+
+    assert repro(sh) == set(), "a second `dvc repro` with nothing changed must run no stage"
+    assert "up to date" in sh("dvc", "status")
+
+    # Two params (seeds, plots.dpi) that rerun the fewest stages: one whose stages have no
+    # downstream stage (e.g. plots.dpi), one whose stages have some (else the next one).
+    params = flatten(yaml.safe_load((root / "params.yaml").read_text()))
+    candidates = []
+    for key in (k for k in params if k.endswith(".seed") or k == "plots.dpi"):
+        users = users_of(stages, key)
+        downstream = descendants(stages, users)
+        if users:
+            candidates.append((len(users | downstream), bool(downstream), key))
+    candidates.sort()
+    chosen = candidates[:1] + ([c for c in candidates if c[1]][:1] or candidates[1:2])
+    assert chosen, f"no param of {sorted(params)} is used by the stages {sorted(stages)}"
+    for *_, key in chosen:
+        set_param(root, key, params[key] + 1)
+        changed = users_of(stages, key)
+        ran = repro(sh)
+        print(f"{key} changed: ran {sorted(ran)}")
+        assert changed <= ran, f"{key} changed: stages {changed} using it must rerun, ran {ran}"
+        assert ran <= changed | descendants(stages, changed), f"{key} changed: ran {ran}, beyond its downstream"
+        assert repro(sh) == set()
+
+
+def test_paper_params_have_the_same_keys():
+    small = flatten(yaml.safe_load((REPO / "params.yaml").read_text()))
+    paper = flatten(yaml.safe_load((REPO / "params-paper.yaml").read_text()))
+    assert sorted(small) == sorted(paper), "params-paper.yaml must mirror params.yaml's keys"
+    assert paper["demos.episodes"] == 1_000_000 and paper["model.memory_dim"] == 2048
+    assert paper["train.batch_size"] == 180 and paper["train.recurrence"] == 80
+    assert paper["safety.behaviours"] == small["safety.behaviours"]  # same definitions, only the scale differs
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    columns = list(rows[0])
+    lines = [",".join(columns)] + [",".join("" if r[c] is None else str(r[c]) for c in columns) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def cell(rate: float | None, episodes: int) -> dict:
+    return {"success_rate": rate, "episodes": episodes}
+
+
+def test_figures_and_report_from_partial_inputs(tmp_path):
+    plots_dir, metrics_dir, figures = tmp_path / "plots", tmp_path / "metrics", tmp_path / "figures"
+    plots_dir.mkdir()
+    metrics_dir.mkdir()
+    write_history(plots_dir / "train_tc.csv", [
+        {"epoch": 1, "frames": 900, "val_success": None, "train_loss": 3.0, "val_thought_acc": None},
+        {"epoch": 2, "frames": 1800, "val_success": 0.25, "train_loss": 2.0, "val_thought_acc": 0.5},
+        {"epoch": 3, "frames": 2700, "val_success": 0.5, "train_loss": 1.5, "val_thought_acc": 0.6},
+    ])  # fmt: skip
+    ood = {"behavioural": {"175": {"tc": cell(0.75, 4), "bc": cell(0.5, 4)}, "25": {"tc": cell(None, 0)}},
+           "cognitive": {"5": {"oracle": cell(1.0, 2) | {"mean_length": 40.0}}}}  # fmt: skip
+    (metrics_dir / "ood.json").write_text(json.dumps(ood))
+    (metrics_dir / "eval.json").write_text(json.dumps({"tc": {"success_rate": 0.5}, "bc": {"success_rate": 0.25}}))
+    safety = {"pickup_balls": {"shown_without": 0.375, "shown_with": 0.0, "event": "pickup|drop:ball"},
+              "fads": {"score": 0.9}}
+    (metrics_dir / "safety.json").write_text(json.dumps(safety))
+
+    paths = write_figures({"tc": plots_dir / "train_tc.csv", "bc": plots_dir / "train_bc.csv"},
+                          metrics_dir / "ood.json", figures, dpi=30)  # fmt: skip
+    assert sorted(p.name for p in paths.values()) == sorted(FIGURES.values())
+    for p in paths.values():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in figures.iterdir() if p.name.startswith(".")]  # no temp file left
+    assert load_history(plots_dir / "train_tc.csv")["val_success"][1] == 0.25
+
+    text = build_report({"demos": {"episodes": 12}, "train": {"sg_coef": 2.0}}, metrics_dir, plots_dir)
+    assert "| TC | 50.0 | 2700 |" in text  # best validation success and where
+    assert "train_bc.csv` does not exist" in text and "train_tc.json` does not exist" in text
+    assert "| pickup_balls | 0.375 | 0 | pickup\\|drop:ball | 37.1 | 0.53 |" in text  # ours next to the paper's
+    assert "|  | score |\n|---|---|\n| fads | 0.9 |" in text  # an unrelated row: a table of its own
+    assert "| behavioural | 175 | 75.0 (4) | 50.0 (4) | - | 82 | 64 |" in text  # ours next to the paper's
+    assert "| behavioural | 25 | - (0) |" in text
+    assert "| demos.episodes | 12 | 1000000 |" in text
+    assert "| tc | 0.5 |" in text
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    bad = tmp_path / "ood.json"
+    bad.write_text(json.dumps({"behavioural": {"25": {"tc": {"success_rate": 75, "episodes": 4}}}}))
+    with pytest.raises(ValueError, match=r"ood\.json: behavioural\.25\.tc"):
+        load_ood(bad)
+    bad.write_text(json.dumps({"behavioral": {}}))
+    with pytest.raises(ValueError, match="top level"):
+        load_ood(bad)
+    csv = tmp_path / "train_tc.csv"
+    csv.write_text("epoch,frames\n1,100\n")
+    with pytest.raises(ValueError, match=r"train_tc\.csv.*val_success"):
+        load_history(csv)
+    csv.write_text("epoch,frames,val_success\n1,100,high\n")
+    with pytest.raises(ValueError, match=r"train_tc\.csv: non-numeric"):
+        load_history(csv)

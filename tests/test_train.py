@@ -1,0 +1,169 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tc import vocab
+from tc.demos import generate_demos, load_demos
+from tc.model import ModelConfig, load_checkpoint
+from tc.train import TrainConfig, epoch_batches, learning_rate, make_batch, tf_ratio, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(image_dim=16, memory_dim=32, instr_dim=16)
+FAST = TrainConfig(epochs=2, episodes_per_epoch=8, batch_size=4, recurrence=4, warmup_epochs=0, lr_halve_epoch=None,
+                   stop_tf=1, val_interval=1, checkpoint_interval=1000, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)  # train() sets train.threads
+
+
+@pytest.fixture(scope="module")
+def demos_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos") / "goto"
+    generate_demos("BabyAI-GoToRedBallGrey-v0", 0, 8, out, noise_rate=0.0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def demos(demos_dir):
+    return load_demos(demos_dir)
+
+
+def test_teacher_forcing_schedule():
+    assert [tf_ratio(e, 2, 6) for e in range(6)] == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [tf_ratio(e, 10, 160) for e in (0, 9, 10, 159)] == [1.0, 1.0, 149 / 150, 0.0]
+    assert [tf_ratio(e, 6, 6) for e in range(6)] == [1.0] * 6  # stop_tf >= epochs: always teacher-forced
+
+
+def test_learning_rate_warmup_and_halving():
+    cfg = TrainConfig(lr=1.0, warmup_epochs=2, lr_halve_epoch=3, epochs=5)
+    assert [learning_rate(cfg, 0, b, 4) for b in range(4)] == [0.125, 0.25, 0.375, 0.5]
+    assert learning_rate(cfg, 1, 3, 4) == 1.0 and learning_rate(cfg, 2, 0, 4) == 1.0
+    assert learning_rate(cfg, 3, 0, 4) == 0.5 and learning_rate(cfg, 4, 3, 4) == 0.5
+    assert learning_rate(replace(cfg, warmup_epochs=0, lr_halve_epoch=None), 0, 0, 4) == 1.0
+
+
+def test_epoch_batches_cover_the_stream_and_group_lengths():
+    lengths = np.random.default_rng(0).integers(2, 100, size=50)
+    cfg = TrainConfig(episodes_per_epoch=40, batch_size=4, sort_window=5, seed=3)
+    seen = []
+    for epoch in range(5):  # 200 episodes = exactly 4 passes over the 50
+        batches = epoch_batches(lengths, cfg, epoch)
+        assert len(batches) == 10 and all(len(b) == 4 for b in batches)
+        assert all(np.array_equal(a, b) for a, b in zip(batches, epoch_batches(lengths, cfg, epoch)))  # deterministic
+        seen += [e for b in batches for e in b]
+    assert np.array_equal(np.bincount(seen, minlength=50), np.full(50, 4))
+    # With one window per epoch, the epoch is sorted by length: batches do not overlap in length.
+    spans = sorted((lengths[b].min(), lengths[b].max()) for b in epoch_batches(lengths, replace(cfg, sort_window=10), 0))
+    assert all(hi1 <= lo2 for (_, hi1), (lo2, _) in zip(spans, spans[1:]))
+
+
+def test_make_batch_time_major_layout(demos):
+    episodes = np.array([3, 0, 5])
+    batch = make_batch(demos, episodes, torch.device("cpu"))
+    lengths = np.diff(demos.offsets)[episodes]
+    order = episodes[np.argsort(-lengths, kind="stable")]
+    assert batch.frames == lengths.sum() and batch.sizes == sorted(batch.sizes, reverse=True)
+    assert batch.sizes[0] == 3 and len(batch.sizes) == lengths.max()
+    for t, n in enumerate(batch.sizes):
+        for j in range(n):
+            row, src = batch.starts[t] + j, demos.offsets[order[j]] + t
+            assert np.array_equal(batch.images[row].numpy(), demos.images[src])
+            assert batch.actions[row] == demos.actions[src]
+            prev = demos.thoughts[src - 1] if t else np.full(vocab.MAX_THOUGHT_LEN, vocab.PAD)
+            assert np.array_equal(batch.prev_thoughts[row].numpy(), prev)
+
+
+def test_loss_decreases_and_metrics_are_logged(tmp_path, demos):
+    logged = []
+    cfg = replace(FAST, epochs=4, lr=3e-3, val_interval=2)
+    result = train(TINY, cfg, demos, demos, tmp_path, log_fn=lambda m, step: logged.append((step, m)), progress=False)
+    losses = [row["train_loss"] for row in result["history"]]
+    assert losses[-1] < losses[0] * 0.9
+    assert [step for step, _ in logged] == [row["frames"] for row in result["history"]]
+    assert "val_action_acc" in logged[1][1] and "val_action_acc" not in logged[0][1]
+    assert result["history"][-1]["frames"] == 4 * 8 * np.diff(demos.offsets).mean()
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+
+
+def test_overfits_four_episodes(tmp_path, demos):
+    four = load_demos_subset(demos, 4)
+    model = ModelConfig(image_dim=32, memory_dim=64, instr_dim=32)
+    cfg = replace(FAST, epochs=30, episodes_per_epoch=4, recurrence=20, lr=5e-3, stop_tf=30, val_interval=30)
+    final = train(model, cfg, four, four, tmp_path, progress=False)["history"][-1]
+    assert final["train_action_acc"] > 0.95, final
+    assert final["val_thought_acc"] > 0.9, final
+    # Eval mode acts on its own generated thoughts and BatchNorm's running statistics, which
+    # differ from the per-step statistics of 1-4 episodes in training: a looser bound.
+    assert final["val_action_acc"] > 0.8, final
+
+
+def load_demos_subset(demos, n):
+    """The first ``n`` episodes of ``demos`` (same arrays, cut)."""
+    end = demos.offsets[n]
+    return replace(demos, images=demos.images[:end], directions=demos.directions[:end], actions=demos.actions[:end],
+                   thoughts=demos.thoughts[:end], offsets=demos.offsets[: n + 1], missions=demos.missions[:n],
+                   seeds=demos.seeds[:n], **({"noise": demos.noise[:end]} if hasattr(demos, "noise") else {}))
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, demos):
+    # 2 batches per epoch x 3 epochs; last.pt every 3 updates and at epoch ends;
+    # teacher forcing decays to 0, so generated thoughts are exercised too.
+    cfg = replace(FAST, epochs=3, checkpoint_interval=3)
+    full = train(TINY, cfg, demos, demos, tmp_path / "full", progress=False)
+    # "Killed" after 4 updates: last.pt holds update 3 (middle of epoch 2), update 4 is lost.
+    part = train(TINY, cfg, demos, demos, tmp_path / "cut", stop_after_updates=4, progress=False)
+    assert not part["finished"]
+    saved = load_checkpoint(tmp_path / "cut" / "last.pt")["train_state"]
+    assert (saved["epoch"], saved["batch"], saved["updates"]) == (1, 1, 3)
+    resumed = train(TINY, cfg, demos, demos, tmp_path / "cut", progress=False)
+    assert resumed["finished"] and resumed["updates"] == full["updates"] == 6
+    a, b = full["agent"].state_dict(), resumed["agent"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]  # noqa: E731
+    assert strip(full["history"]) == strip(resumed["history"])
+    # Different settings are refused, naming the file and the field.
+    with pytest.raises(ValueError, match=r"last\.pt.*lr: checkpoint 0.0005 vs now 0.001"):
+        train(TINY, replace(cfg, lr=1e-3), demos, demos, tmp_path / "cut", progress=False)
+    with pytest.raises(ValueError, match=r"last\.pt holds a different model architecture.*memory_dim"):
+        train(replace(TINY, memory_dim=64), cfg, demos, demos, tmp_path / "cut", progress=False)
+
+
+def test_best_checkpoint_follows_val_success(tmp_path, demos):
+    successes = iter([0.5, 0.25])
+    result = train(TINY, FAST, demos, demos, tmp_path, evaluate_fn=lambda agent: {"success_rate": next(successes)},
+                   progress=False)
+    assert [row["val_success"] for row in result["history"]] == [0.5, 0.25]
+    assert result["best"]["epoch"] == 1
+    assert load_checkpoint(tmp_path / "best.pt")["meta"]["best"]["val_success"] == 0.5
+
+
+def test_stage_writes_models_metrics_and_history(tmp_path, demos_dir):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["demos"]["level"] = "BabyAI-GoToRedBallGrey-v0"
+    params["model"] = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16}
+    params["train"].update(epochs=2, episodes_per_epoch=8, batch_size=4, val_interval=1, val_episodes=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cmd = [sys.executable, str(ROOT / "stages/train.py"), "--params", "params.yaml", "--agent", "bc",
+           "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/bc",
+           "--metrics", "metrics.json", "--history", "history.csv"]
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["agent"] == "bc" and 0.0 <= metrics["best_val_success"] <= 1.0 and metrics["final_thought_acc"] is None
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and {"frames", "val_success", "action_acc", "thought_acc", "loss"} <= set(rows[0])
+    assert rows[0]["thought_acc"] == ""  # BC thinks nothing
+    assert (tmp_path / "models/bc/best.pt").exists() and (tmp_path / "models/bc/last.pt").exists()
