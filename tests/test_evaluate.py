@@ -16,13 +16,7 @@ from tc.watch import save_episode, watch
 BOSS = "BabyAI-BossLevel-v0"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models at batch <= 3: one intra-op thread avoids oversubscribing a shared CPU (~40x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_agent(use_thoughts: bool = True) -> Agent:

@@ -20,13 +20,7 @@ from tc.train import make_batch
 TINY = dict(image_dim=16, memory_dim=32, instr_dim=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CI machine is a shared 2-core CPU: a second torch thread mostly waits.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

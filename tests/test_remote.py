@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,6 @@ import pytest
 
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, moto_server
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -74,12 +66,12 @@ def test_repository_default_remote_is_a_local_folder():
 
 
 @pytest.fixture
-def moto_s3(tmp_path):
+def moto_s3(tmp_path, free_port):
     """moto's S3 server on a free local port with one bucket; always stopped. Yields its URL."""
     pytest.importorskip("dvc_s3", reason="dvc-s3 is not installed (dev extra): the S3 remote cannot be tested")
     pytest.importorskip("moto.server", reason="moto[server] is not installed (dev extra): no local S3 to test against")
     boto3 = pytest.importorskip("boto3")
-    port = free_port()
+    port = free_port
     log = open(tmp_path / "moto.log", "w")
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

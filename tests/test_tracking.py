@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,13 +18,6 @@ from tc import tracking
 
 BIN = Path(sys.executable).parent  # the venv's bin: mlflow, dvc
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -97,8 +89,8 @@ def test_flatten_names_params_like_dvc():
     assert tracking.flatten({"a": {"b": {"c": 1}, "d": [1, 2]}, "e": "x"}) == {"a.b.c": 1, "a.d": [1, 2], "e": "x"}
 
 
-def test_unreachable_server_fails_before_work(local_store, monkeypatch):
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+def test_unreachable_server_fails_before_work(local_store, monkeypatch, free_port):
+    uri = f"http://127.0.0.1:{free_port}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = False
     with pytest.raises(tracking.TrackingUnavailableError, match="MLFLOW_TRACKING_URI") as err:
@@ -113,9 +105,9 @@ def test_missing_sqlite_folder_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, free_port):
     """A real `mlflow server` on a free local port; always stopped, with its workers."""
-    port = free_port()
+    port = free_port
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
