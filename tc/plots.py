@@ -117,7 +117,7 @@ def plot_success_vs_frames(histories: dict[str, dict[str, list[float]]]) -> plt.
         ax.legend(loc="lower right")
     else:
         _no_data(ax, "no validation results yet")
-    ax.set(xlabel="training frames", ylabel="success rate (%)", ylim=(0, 100), title="BossLevel validation success")
+    ax.set(xlabel="training frames", ylabel="success rate (%)", ylim=(0, 100), title="Validation success vs training frames")
     ax.grid(alpha=0.3)
     return fig
 

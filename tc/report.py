@@ -118,8 +118,8 @@ def missing(path: Path) -> str:
     return f"_Not available: `{path}` does not exist (its stage has not run yet)._"
 
 
-def training_section(metrics_dir: Path, plots_dir: Path) -> list[str]:
-    out = ["## Training (BossLevel, validation on fresh seeds)"]
+def training_section(metrics_dir: Path, plots_dir: Path, level: str) -> list[str]:
+    out = [f"## Training ({level}, validation on fresh seeds; the paper's numbers are BossLevel)"]
     rows, found = [], False
     for agent in AGENTS:
         path = plots_dir / f"train_{agent}.csv"
@@ -194,7 +194,7 @@ def build_report(params: dict, metrics_dir: str | Path, plots_dir: str | Path) -
         "off its figures (+-2 points) and come from a run ~1000x larger (see the scale table).",
         "",
         *scale_section(params),
-        *training_section(metrics_dir, plots_dir),
+        *training_section(metrics_dir, plots_dir, params.get("demos", {}).get("level", "level unknown")),
         *json_section("Evaluation (test seeds)", metrics_dir / "eval.json"),
         *ood_section(metrics_dir / "ood.json"),
         *json_section("Safety: precrime intervention", metrics_dir / "safety.json", safety_ref + ".", safety_paper),

@@ -92,3 +92,10 @@ def test_missing_level_file_is_explained(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(ValueError, match="not an OOD level-set file"):
         load_level_sets(tmp_path / "x.json")
+
+
+def test_a_crashing_bot_is_a_failed_seed_not_a_crash():
+    # On this MiniBossLevel seed the minigrid bot trips its own assertion (DropSubgoal).
+    env = make_env("BabyAI-MiniBossLevel-v0")
+    reset_quiet(env, 300000400)
+    assert bot_solution_length(env) is None
