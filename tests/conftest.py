@@ -1,6 +1,11 @@
 """Fixtures shared by several test files."""
 
+import os
+import signal
 import socket
+import subprocess
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -21,3 +26,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Start local servers for a test: ``serve(name, cmd, ready_url, timeout)`` waits until
+    ``ready_url`` answers and returns; every server (and its workers) is stopped afterwards."""
+    started = []
+
+    def start(name: str, cmd: list[str], ready_url: str, timeout: float = 60, cwd=None) -> None:
+        log_path = tmp_path / f"{name}.log"
+        log = open(log_path, "w")
+        # Its own session, so that stopping it stops its workers and nothing else.
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append((proc, log))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2):
+                    return
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{name} did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.3)
+
+    yield start
+    for proc, log in started:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -4,8 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,38 +64,17 @@ def test_repository_default_remote_is_a_local_folder():
 
 
 @pytest.fixture
-def moto_s3(tmp_path, free_port):
-    """moto's S3 server on a free local port with one bucket; always stopped. Yields its URL."""
+def moto_s3(serve, free_port):
+    """moto's S3 server on a free local port with one bucket; returns (its URL, a boto3 client)."""
     pytest.importorskip("dvc_s3", reason="dvc-s3 is not installed (dev extra): the S3 remote cannot be tested")
     pytest.importorskip("moto.server", reason="moto[server] is not installed (dev extra): no local S3 to test against")
     boto3 = pytest.importorskip("boto3")
-    port = free_port
-    log = open(tmp_path / "moto.log", "w")
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start: {(tmp_path / 'moto.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
-        s3.create_bucket(Bucket="tc-dvc-store")
-        yield url, s3
-    finally:
-        os.killpg(proc.pid, 15)  # its own session: the server only
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
+    url = f"http://127.0.0.1:{free_port}"
+    serve("moto", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(free_port)], url + "/moto-api/")
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+    s3.create_bucket(Bucket="tc-dvc-store")
+    return url, s3
 
 
 def test_s3_remote_round_trip(project, moto_s3):

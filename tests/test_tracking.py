@@ -5,8 +5,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -105,35 +103,13 @@ def test_missing_sqlite_folder_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture
-def mlflow_server(tmp_path, free_port):
+def mlflow_server(tmp_path, serve, free_port):
     """A real `mlflow server` on a free local port; always stopped, with its workers."""
-    port = free_port
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120  # ~6 s alone; the machine is shared
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, 15)  # its own session: the server and only its workers
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
+    uri = f"http://127.0.0.1:{free_port}"
+    serve("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                     "--host", "127.0.0.1", "--port", str(free_port), "--workers", "1"],
+          uri + "/health", timeout=120, cwd=tmp_path)  # ~6 s alone; longer on a shared machine
+    return uri
 
 
 def test_real_tracking_server(local_store, monkeypatch, mlflow_server):
