@@ -129,7 +129,8 @@ def main() -> None:
     if world > 1:
         dist.destroy_process_group()
     print(f"{args.agent}: best val success {metrics['best_val_success']} (epoch {metrics['best_epoch']}), "
-          f"final action acc {metrics['final_action_acc']:.3f}, {metrics['frames']} frames in {metrics['wall_time_s']:.0f}s")
+          f"final action acc {metrics['final_action_acc']:.3f}, {metrics['frames']} frames in {metrics['wall_time_s']:.0f}s "
+          f"({world} process{'es' if world > 1 else ''})")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def test_stage_with_nproc_2_starts_torchrun(tmp_path, demos_dir):
            "--metrics", "metrics.json", "--history", "history.csv"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 processes)" in proc.stdout, proc.stdout  # it went through torchrun
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["updates"] == 1 and 0.0 <= metrics["best_val_success"] <= 1.0
     assert (tmp_path / "history.csv").exists() and (tmp_path / "models/bc/best.pt").exists()
