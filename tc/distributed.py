@@ -44,6 +44,9 @@ def init_from_env(device: torch.device, timeout_min: float = 120) -> torch.devic
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"process {device.index} of this node has no GPU of its own ({torch.cuda.device_count()} "
+                             f"visible): use at most that many processes per node (train.nproc / --nproc_per_node)")
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=timedelta(minutes=timeout_min), device_id=device)
     else:
