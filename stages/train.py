@@ -8,23 +8,35 @@ Writes <out>/best.pt (best validation success, then action accuracy) and <out>/l
 started again with the same settings continues from <out>/last.pt. The validation
 success rate is measured by tc.evaluate on the seeds demos.val_seed, demos.val_seed + 1,
 ... (train.val_episodes of them; fresh for training, which uses demos.seed onwards).
+
+With train.nproc = N > 1 the stage starts itself again under
+``python -m torch.distributed.run --standalone --nproc_per_node N`` (data-parallel
+training, see tc.distributed); started by torchrun (WORLD_SIZE set) it joins the process
+group instead (gloo on CPU, nccl and cuda:LOCAL_RANK on CUDA), whatever train.nproc says,
+so several machines can run it with torchrun's own --nnodes / --rdzv options. Rank 0
+alone writes the outputs and logs to MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import os
+import subprocess
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from tc import tracking
+import torch.distributed as dist
+
+from tc import distributed, tracking
 from tc.demos import load_demos, write_json_atomic
 from tc.evaluate import evaluate, summarize
 from tc.model import ModelConfig
 from tc.params import load_params
-from tc.train import TrainConfig, train
+from tc.train import TrainConfig, pick_device, train
 
 HISTORY_COLUMNS = ["epoch", "frames", "updates", "lr", "tf_ratio", "loss", "val_success", "action_acc", "thought_acc",
                    "val_loss", "train_action_acc", "train_thought_acc", "wall_time_s"]
@@ -67,6 +79,12 @@ def main() -> None:
         cfg = TrainConfig.from_dict(params["train"])
     except (TypeError, ValueError) as err:
         raise SystemExit(f"{args.params}: {err}") from None
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
+               sys.argv[0], *sys.argv[1:]]
+        raise SystemExit(subprocess.run(cmd).returncode)
+    distributed.init_from_env(pick_device(cfg.device))
+    rank, world = distributed.rank_and_world()
     level = params["demos"]["level"]
     train_demos, val_demos = load_demos(args.train), load_demos(args.val)
     for name, demos in (("--train", train_demos), ("--val", val_demos)):
@@ -81,9 +99,13 @@ def main() -> None:
         return summarize(episodes)
 
     run_params = {"model": asdict(model_cfg), "train": asdict(cfg), "demos": {"level": level}, "agent": args.agent}
-    with tracking.start_run(f"train-{args.agent}", run_params, tags={"stage": "train", "agent": args.agent}):
+    tags = {"stage": "train", "agent": args.agent}
+    with tracking.start_run(f"train-{args.agent}", run_params, tags=tags) if rank == 0 else contextlib.nullcontext():
         result = train(model_cfg, cfg, train_demos, val_demos, args.out, evaluate_fn=evaluate_fn if val_seeds else None,
-                       log_fn=tracking.metrics_logger(), resume=not args.no_resume)
+                       log_fn=tracking.metrics_logger() if rank == 0 else None, resume=not args.no_resume)
+        if rank != 0:  # the outputs are rank 0's
+            dist.destroy_process_group()
+            return
         history, best = result["history"], result["best"]
         final = history[-1]
         metrics = {
@@ -104,8 +126,11 @@ def main() -> None:
         write_json_atomic(Path(args.metrics), metrics)
         write_text_atomic(Path(args.history), history_csv(history))
         tracking.log_artifacts([args.metrics, args.history, str(Path(args.out) / "best.pt")])
+    if world > 1:
+        dist.destroy_process_group()
     print(f"{args.agent}: best val success {metrics['best_val_success']} (epoch {metrics['best_epoch']}), "
-          f"final action acc {metrics['final_action_acc']:.3f}, {metrics['frames']} frames in {metrics['wall_time_s']:.0f}s")
+          f"final action acc {metrics['final_action_acc']:.3f}, {metrics['frames']} frames in {metrics['wall_time_s']:.0f}s "
+          f"({world} process{'es' if world > 1 else ''})")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,9 @@ class WordEncoder(nn.Module):
         An all-<pad> row (no thought yet) gets zero encodings and a zero summary.
         """
         mask = tokens != vocab.PAD
+        if tokens.shape[0] == 0:  # no rows (a data-parallel rank whose episodes have ended): packing refuses them
+            out = self.embedding(tokens)
+            return out, mask, out.new_zeros(0, out.shape[2])
         lengths = mask.sum(1)
         packed = pack_padded_sequence(
             self.embedding(tokens), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
@@ -346,9 +349,12 @@ class ThoughtGenerator(nn.Module):
 
     def features(self, images: Tensor, history: Tensor, mission_words: Tensor, mission_mask: Tensor) -> Tensor:
         """Image features FiLM-fused with (thought history x mission) attention; all rows at once."""
-        ctx, _ = self.cross_attn(
-            history.unsqueeze(1), mission_words, mission_words, key_padding_mask=~mission_mask, need_weights=False
-        )
+        if history.shape[0] == 0:  # no rows (a data-parallel rank whose episodes have ended): attention refuses them
+            ctx = history.unsqueeze(1)
+        else:
+            ctx, _ = self.cross_attn(
+                history.unsqueeze(1), mission_words, mission_words, key_padding_mask=~mission_mask, need_weights=False
+            )
         cond = self.attn_norm(history + ctx.squeeze(1))
         x = self.stem(images)
         for film in self.films:

@@ -16,6 +16,10 @@ coins are pure functions of (seed, epoch, batch). ``last.pt`` is rewritten every
 ``checkpoint_interval`` updates and at every epoch end with the full resume state
 (model, optimizer, RNGs, position, history); a killed run resumed from it ends with the
 same weights, bit for bit on CPU, as an uninterrupted one.
+
+Under a process group (torchrun, see tc.distributed) each of the N ranks takes the episodes
+r, r + N, ... of every batch and the update is the one-process update of the whole batch;
+rank 0 alone validates, writes checkpoints and calls ``log_fn``.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tc import vocab
+from tc import distributed, vocab
 from tc.demos import Demos
 from tc.model import Agent, ModelConfig, check_config, count_parameters, load_checkpoint, save_checkpoint
 
@@ -64,10 +69,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 1  # torch intra-op threads on CPU (0: torch's default); see params.yaml
     amp: bool = True  # bfloat16 autocast, on CUDA only
-    nproc: int = 1  # data-parallel processes; only 1 is implemented
+    nproc: int = 1  # data-parallel processes (stages/train.py starts torchrun when > 1)
 
     def __post_init__(self):
-        positive = ("epochs", "episodes_per_epoch", "batch_size", "sort_window", "recurrence", "val_interval", "checkpoint_interval")
+        positive = ("epochs", "episodes_per_epoch", "batch_size", "sort_window", "recurrence", "val_interval",
+                    "checkpoint_interval", "nproc")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -75,8 +81,6 @@ class TrainConfig:
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
         if self.threads < 0:
             raise ValueError(f"train.threads must be >= 0, got {self.threads}")
-        if self.nproc != 1:
-            raise ValueError(f"train.nproc={self.nproc}: multi-process (DDP) training is not implemented, use 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -161,12 +165,16 @@ class Batch:
         return self.starts[-1]
 
 
-def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device) -> Batch:
-    """Gather whole ``episodes`` into time-major tensors with one fancy index per array."""
+def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device, steps: int = 0) -> Batch:
+    """Gather whole ``episodes`` into time-major tensors with one fancy index per array.
+
+    With ``steps`` beyond the longest episode, the batch ends with empty steps (size 0):
+    the ranks of a data-parallel batch step through the same number of steps.
+    """
     lengths = demos.offsets[episodes + 1] - demos.offsets[episodes]
     order = np.argsort(-lengths, kind="stable")
     episodes, lengths = episodes[order], lengths[order]
-    t = np.arange(lengths[0])[:, None]
+    t = np.arange(max(lengths[0], steps))[:, None]
     active = t < lengths[None, :]  # [T, B]; each row a prefix, since lengths are sorted
     idx = (demos.offsets[episodes][None, :] + t)[active]
     first = np.broadcast_to(t == 0, active.shape)[active]
@@ -197,12 +205,19 @@ def run_batch(
     true_thoughts: bool,
     amp: bool,
     backward: bool,
+    scale: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """Forward (and with ``backward`` accumulate gradients of) one batch; returns summed statistics."""
+    """Forward (and with ``backward`` accumulate gradients of) one batch; returns summed statistics.
+
+    The losses are divided by ``scale`` = (frames, thought tokens), by default those of
+    ``batch``; a data-parallel rank passes those of the whole batch (see :func:`loss_scale`).
+    """
     device = batch.images.device
     tc_agent = agent.upper is not None
     n_frames = batch.frames
     n_tokens = max(1, int((batch.thoughts != vocab.PAD).sum())) if tc_agent else 1
+    if scale is not None:
+        n_frames, n_tokens = scale
     state = agent.initial_state(batch.sizes[0], device)
     sums = dict.fromkeys(STAT_KEYS, 0.0)
     for t0 in range(0, len(batch.sizes), cfg.recurrence):
@@ -245,12 +260,31 @@ def run_batch(
     return sums
 
 
+def loss_scale(demos: Demos, episodes: np.ndarray, thoughts: bool) -> tuple[int, int]:
+    """(frames, thought tokens) of ``episodes``, as :func:`run_batch` counts them for a batch of them."""
+    idx = np.concatenate([np.arange(demos.offsets[e], demos.offsets[e + 1]) for e in episodes])
+    return len(idx), max(1, int((demos.thoughts[idx] != vocab.PAD).sum())) if thoughts else 1
+
+
 def train_update(
-    agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, cfg: TrainConfig, true_thoughts: bool, amp: bool
+    agent: Agent,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    cfg: TrainConfig,
+    true_thoughts: bool,
+    amp: bool,
+    scale: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """One optimizer step on ``batch`` (gradients of all its chunks, clipped); returns its statistics."""
+    """One optimizer step on ``batch`` (gradients of all its chunks, clipped); returns its statistics.
+
+    Under a process group, ``batch`` is this rank's part and ``scale`` the whole batch's
+    counts: gradients and statistics are summed over the ranks before the step.
+    """
     optimizer.zero_grad(set_to_none=True)
-    sums = run_batch(agent, batch, cfg, true_thoughts, amp, backward=True)
+    sums = run_batch(agent, batch, cfg, true_thoughts, amp, backward=True, scale=scale)
+    if distributed.rank_and_world()[1] > 1:
+        distributed.all_reduce_grads(agent.parameters())
+        sums = distributed.all_reduce_sums(sums, batch.images.device)
     torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
     optimizer.step()
     return sums
@@ -318,7 +352,7 @@ def check_resume(path: Path, ts: dict, cfg: TrainConfig, demos: Demos) -> None:
     """A resume checkpoint must come from the same training config and data (device may differ)."""
     saved = dict(ts["train_config"])
     now = asdict(cfg)
-    free = ("device", "threads", "checkpoint_interval")  # they do not change what is learned
+    free = ("device", "threads", "checkpoint_interval", "nproc")  # they do not change what is learned
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items() if k not in free and saved.get(k) != v]
     if ts["data"] != data_signature(demos):
         diff.append(f"training data: checkpoint {ts['data']} vs now {data_signature(demos)}")
@@ -359,10 +393,18 @@ def train(
     settings is continued. ``stop_after_updates`` ends this call after that many updates
     *without* saving, as if the process had been killed (tests of resuming).
     The summary holds the agent, the per-epoch ``history``, ``best`` and ``finished``.
+
+    Under a process group of N ranks (all calling this with the same arguments), the ranks
+    share every batch; ``out_dir`` must be the same folder for all (resuming reads its
+    last.pt on every rank). Rank 0 alone validates (the others wait), writes the
+    checkpoints and calls ``log_fn``; the other ranks' history has no validation metrics.
     """
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    rank, world = distributed.rank_and_world()
     device = pick_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # the rank's GPU, set by the caller
     amp = cfg.amp and device.type == "cuda"
     if device.type == "cpu" and cfg.threads > 0:
         # Small step-wise ops dominate: a second thread gains little alone and, on a shared
@@ -373,6 +415,8 @@ def train(
 
     torch.manual_seed(cfg.seed)
     agent = Agent(model_cfg).to(device)
+    if world > 1:
+        distributed.sync_batchnorm(agent)  # batch statistics of the whole batch, as with one process
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     # Training position and everything needed to continue it (saved in last.pt).
     ts = {"epoch": 0, "batch": 0, "updates": 0, "frames": 0, "wall_time_s": 0.0, "history": [],
@@ -385,8 +429,12 @@ def train(
         optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
         set_rng_state(ckpt["train_state"]["rng"])
         ts = {k: ckpt["train_state"][k] for k in ts}
+    if world > 1:
+        distributed.check_same(ts["updates"], f"the resume position (updates done) in {last_path}", device)
 
     def save_last() -> None:
+        if rank != 0:
+            return
         state = dict(ts, optimizer=optimizer.state_dict(), rng=rng_state(), train_config=asdict(cfg),
                      data=data_signature(train_demos))
         save_checkpoint(last_path, agent, train_state=state)
@@ -399,20 +447,31 @@ def train(
         epoch = ts["epoch"]
         batches = epoch_batches(lengths, cfg, epoch)
         batches_per_epoch = len(batches)
+        if world > 1 and min(map(len, batches)) < world:
+            raise ValueError(f"epoch {epoch + 1} has a batch of {min(map(len, batches))} episodes, fewer than the "
+                             f"{world} processes; use a train.batch_size and episodes_per_epoch giving >= {world} per batch")
         ratio = tf_ratio(epoch, cfg.stop_tf, cfg.epochs)
         bar = tqdm(total=batches_per_epoch, initial=ts["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not progress)
+                   unit="batch", disable=not progress or rank != 0)
         while ts["batch"] < batches_per_epoch:
             b = ts["batch"]
             lr = learning_rate(cfg, epoch, b, batches_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = make_batch(train_demos, batches[b], device)
-            sums = train_update(agent, optimizer, batch, cfg, use_true_thoughts(cfg.seed, epoch, b, ratio), amp)
+            coin = use_true_thoughts(cfg.seed, epoch, b, ratio)
+            if world == 1:
+                batch = make_batch(train_demos, batches[b], device)
+                sums = train_update(agent, optimizer, batch, cfg, coin, amp)
+            else:
+                # The batch is sorted by length, so every r-th episode gives the ranks similar shares.
+                episodes = batches[b]
+                batch = make_batch(train_demos, episodes[rank::world], device, steps=int(lengths[episodes].max()))
+                scale = loss_scale(train_demos, episodes, agent.upper is not None)
+                sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale)
             ts["epoch_sums"] = {k: ts["epoch_sums"][k] + sums[k] for k in STAT_KEYS}
             ts["batch"] += 1
             ts["updates"] += 1
-            ts["frames"] += batch.frames
+            ts["frames"] += int(sums["frames"])
             ts["wall_time_s"] = time.perf_counter() - started
             updates_here += 1
             bar.update(1)
@@ -427,7 +486,7 @@ def train(
 
         row = {"epoch": epoch + 1, "updates": ts["updates"], "frames": ts["frames"], "lr": lr, "tf_ratio": ratio,
                **summarize_stats(ts["epoch_sums"], cfg, "train_")}
-        if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs:
+        if ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and rank == 0:
             row.update(validate(agent, val_demos, cfg, device, amp))
             row["val_success"] = float(evaluate_fn(agent)["success_rate"]) if evaluate_fn else None
             agent.train()
@@ -442,7 +501,9 @@ def train(
         ts["epoch"], ts["batch"] = epoch + 1, 0
         ts["epoch_sums"] = dict.fromkeys(STAT_KEYS, 0.0)
         save_last()
-        if log_fn is not None:
+        if world > 1:
+            dist.barrier()  # the other ranks wait for rank 0's validation and checkpoint
+        if log_fn is not None and rank == 0:
             log_fn({k: float(v) for k, v in row.items() if v is not None}, ts["frames"])
     return {"agent": agent, "history": ts["history"], "best": ts["best"], "finished": True, "frames": ts["frames"],
             "updates": ts["updates"], "wall_time_s": ts["wall_time_s"], "parameters": count_parameters(agent)}
