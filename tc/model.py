@@ -27,7 +27,7 @@ faster on CPU than the fused oneDNN kernels (SPEC, "Speed reference").
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from tc import vocab
+from tc.params import dataclass_from_dict
 
 N_ACTIONS = 7  # left, right, forward, pickup, drop, toggle, done
 # Largest value of any of the three image channels (object, colour, state) plus one.
@@ -69,11 +70,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         """Build from a params/checkpoint dict, naming unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -36,3 +37,12 @@ def require(section: dict, name: str, keys: dict[str, type]) -> dict:
         if not ok:
             raise SystemExit(f"params: {name}.{key} = {value!r}, expected {kind.__name__}")
     return section
+
+
+def dataclass_from_dict(cls, d: dict, section: str):
+    """Build dataclass ``cls`` from a params section, naming unknown keys (typos would be silently ignored)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} config keys {unknown}; known: {sorted(known)}")
+    return cls(**d)

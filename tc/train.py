@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +40,7 @@ from tqdm import tqdm
 from tc import distributed, vocab
 from tc.demos import Demos
 from tc.model import Agent, ModelConfig, check_config, count_parameters, load_checkpoint, save_checkpoint
+from tc.params import dataclass_from_dict
 
 LogFn = Callable[[dict[str, float], int], None]
 EvaluateFn = Callable[[Agent], dict]
@@ -84,11 +85,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown train config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "train")
 
 
 # ----------------------------------------------------------------------------- schedules

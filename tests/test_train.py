@@ -167,3 +167,10 @@ def test_stage_writes_models_metrics_and_history(tmp_path, demos_dir):
     assert [r["epoch"] for r in rows] == ["1", "2"] and {"frames", "val_success", "action_acc", "thought_acc", "loss"} <= set(rows[0])
     assert rows[0]["thought_acc"] == ""  # BC thinks nothing
     assert (tmp_path / "models/bc/best.pt").exists() and (tmp_path / "models/bc/last.pt").exists()
+
+
+def test_unknown_config_keys_are_named():
+    with pytest.raises(ValueError, match=r"unknown train config keys \['epocs'\]"):
+        TrainConfig.from_dict({"epocs": 3})
+    with pytest.raises(ValueError, match=r"unknown model config keys \['memory'\]"):
+        ModelConfig.from_dict({"memory": 64})
