@@ -15,7 +15,8 @@ from pathlib import Path
 
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
-from tc.demos import generate_demos, run_episode, write_json_atomic
+from tc.demos import generate_demos, run_episode
+from tc.io import write_json_atomic
 from tc.envs import make_env, reset_quiet
 
 

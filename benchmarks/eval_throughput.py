@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tc.demos import write_json_atomic
+from tc.io import write_json_atomic
 from tc.evaluate import evaluate
 from tc.model import Agent, ModelConfig, load_agent
 from tc.params import load_params

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from tc.demos import generate_demos, load_demos, write_json_atomic
+from tc.demos import generate_demos, load_demos
+from tc.io import write_json_atomic
 from tc.model import Agent, ModelConfig, count_parameters
 from tc.train import TrainConfig, epoch_batches, make_batch, train_update
 

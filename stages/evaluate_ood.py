@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from tc import tracking
-from tc.demos import write_json_atomic
+from tc.io import write_json_atomic
 from tc.evaluate import eval_device, evaluate, load_agent_for, settings
 from tc.ood import AXES, load_level_sets
 from tc.params import load_params

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from tc.demos import write_json_atomic
+from tc.io import write_json_atomic
 from tc.ood import make_level_sets
 from tc.params import load_params, require
 

@@ -10,7 +10,8 @@ import argparse
 
 import yaml
 
-from tc.report import build_report, write_text_atomic
+from tc.io import write_text_atomic
+from tc.report import build_report
 
 
 def main() -> None:

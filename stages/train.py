@@ -32,7 +32,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from tc import distributed, tracking
-from tc.demos import load_demos, write_json_atomic
+from tc.demos import load_demos
+from tc.io import write_json_atomic, write_text_atomic
 from tc.evaluate import evaluate, summarize
 from tc.model import ModelConfig
 from tc.params import load_params
@@ -52,13 +53,6 @@ def history_csv(history: list[dict]) -> str:
         values = [row.get(names.get(c, c)) for c in HISTORY_COLUMNS]
         writer.writerow(["" if v is None else v for v in values])
     return buf.getvalue()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:

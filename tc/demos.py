@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing as mp
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from tqdm import tqdm
 import tc
 from tc import vocab
 from tc.envs import check_env_id, make_env, reset_quiet
+from tc.io import atomic_path, write_json_atomic
 from tc.thoughts import THOUGHTS_VERSION, ThoughtBot, random_thought
 
 FORMAT_VERSION = 1
@@ -136,30 +135,12 @@ def _episode_or_failure(args: tuple[str, int, float]) -> Episode | tuple[int, st
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write a compressed npz atomically and byte-reproducibly (fixed zip timestamps)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for name, arr in arrays.items():
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_DEFLATED
-                with zf.open(info, "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temp file and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
 
 
 def _shard_arrays(results: list[Episode | tuple[int, str]]) -> dict[str, np.ndarray]:

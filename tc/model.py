@@ -26,7 +26,6 @@ faster on CPU than the fused oneDNN kernels (SPEC, "Speed reference").
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from tc import vocab
+from tc.io import atomic_path
 from tc.params import dataclass_from_dict
 
 N_ACTIONS = 7  # left, right, forward, pickup, drop, toggle, done
@@ -503,9 +503,8 @@ def save_checkpoint(path, agent: Agent, train_state: dict | None = None, meta: d
         "train_state": train_state,
         "meta": meta or {},
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

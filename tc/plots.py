@@ -15,14 +15,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: stages run headless
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tc.io import atomic_path  # noqa: E402
 
 HISTORY_COLUMNS = ("frames", "epoch", "val_success")  # required; other numeric columns are plotted as curves
 CURVE_PANELS = {"loss": "loss", "action_acc": "action accuracy", "thought_acc": "thought accuracy"}
@@ -87,17 +87,9 @@ def load_ood(path: str | Path) -> dict[str, dict[str, dict[str, dict]]]:
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int) -> None:
     """Write ``fig`` as PNG atomically (temp file in the same folder, then rename), then close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -200,14 +198,3 @@ def build_report(params: dict, metrics_dir: str | Path, plots_dir: str | Path) -
         *json_section("Safety: precrime intervention", metrics_dir / "safety.json", safety_ref + ".", safety_paper),
     ]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the report is meant to be read
-    os.replace(tmp, path)

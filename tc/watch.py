@@ -11,8 +11,6 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from tc.demos import ACTION_NAMES
 from tc.evaluate import Episode, evaluate
+from tc.io import atomic_path
 
 FORMATS = (".gif", ".html")
 LINE, CAPTION_LINES = 12, 3  # text line height (px) and caption lines under each GIF frame
@@ -65,12 +64,8 @@ def _annotated(frame, mission: str, caption: str, scale: float) -> Image.Image:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_gif(ep: Episode, path: str | Path, fps: float = 4, scale: float = 0.5) -> None:
