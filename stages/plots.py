@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
+from tc.params import load_params, require
 from tc.plots import write_figures
 
 
@@ -22,10 +21,7 @@ def main() -> None:
     parser.add_argument("--out", default="reports/figures", help="folder for the PNG files")
     args = parser.parse_args()
 
-    with open(args.params) as f:
-        cfg = (yaml.safe_load(f) or {}).get("plots")
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("dpi"), int):
-        parser.error(f"{args.params}: expected a `plots` section with an integer `dpi`")
+    cfg = require(load_params(args.params, "plots")["plots"], "plots", {"dpi": int})
     histories = {}
     for item in args.history:
         agent, sep, path = item.partition("=")
