@@ -24,7 +24,8 @@ import torch
 
 from tc.io import write_json_atomic
 from tc.evaluate import evaluate
-from tc.model import Agent, ModelConfig, load_agent
+from tc.checkpoint import load_agent
+from tc.model import Agent, ModelConfig
 from tc.params import load_params
 
 

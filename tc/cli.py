@@ -38,7 +38,7 @@ def _print(ep: Episode) -> None:
             print(f"{span}: {thoughts[start]}  actions [{', '.join(ACTION_NAMES[a] for a in ep.actions[start:t])}]")
             start = t
     end = "halted by the intervention" if ep.halted else ("success" if ep.success else "failure")
-    print(f"{end} after {ep.length} steps, return {ep.reward:.3f}" + (f" ({ep.bot_error})" if ep.bot_error else ""))
+    print(f"{end} after {ep.length} steps, return {ep.reward:.3f}" + (f" (the oracle bot re-planned {ep.bot_restarts}x)" if ep.bot_restarts else ""))
 
 
 def _ask(_episode: int, step: int, proposed: str) -> str | None:

@@ -3,13 +3,12 @@
 Each rank runs a disjoint part of every batch of episodes; the aim is that N processes
 make *the same update* as one process with the whole batch, up to float rounding:
 
-- the losses are divided by the whole batch's frame / thought-token counts (known to every
-  rank from the data, no communication), so the ranks' gradients *sum* to the one-process
-  gradient: one all-reduce of the flattened gradients per update (not DDP's hooks: an
+- every rank divides its losses by the same constants of the data set (tc.train), so the
+  ranks' gradients *sum* to the one-process gradient: one all-reduce of the flattened gradients per update (not DDP's hooks: an
   update accumulates several backward passes, one per truncated-BPTT chunk, and the ranks'
   gradients are summed, not averaged);
 - BatchNorm normalises by the statistics of the rows of all ranks (:class:`SyncBatchNorm2d`);
-  the lower level calls it once per time step, so the ranks step through the same number of
+  both levels call it once per time step, so the ranks step through the same number of
   time steps, a rank whose episodes have ended running empty steps.
 
 The process group is set up by the caller (stages/train.py); these helpers see a world of
@@ -25,6 +24,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from tc.model import BatchNorm2d
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -71,42 +72,23 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of the rows of all ranks together.
+class SyncBatchNorm2d(BatchNorm2d):
+    """The agent's BatchNorm2d with the statistics of the rows of all ranks together.
 
     ``torch.nn.SyncBatchNorm`` runs on GPUs only; this one also runs on gloo / CPU. The
-    per-channel sums and counts are all-reduced in float64 (so that E[x^2] - E[x]^2 loses
-    nothing), differentiably; every rank must call it equally often, in the same order
-    (hence the empty steps of tc.train). Running statistics are updated as nn.BatchNorm2d
-    does (unbiased variance, ``momentum``).
+    per-channel sums and counts are all-reduced (differentiably), so every rank normalises
+    and accumulates running statistics as one process with the whole batch would. Every
+    rank must call it equally often, in the same order (hence the empty steps of tc.train).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        c = self.num_features
-        x64 = x.double()
-        count = x.new_full((1,), x.numel() // c, dtype=torch.float64)
-        total = _AllReduceSum.apply(torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)), count]))
-        n = total[2 * c]
-        mean = total[:c] / n
-        var = total[c : 2 * c] / n - mean * mean
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), self.momentum)
-        dtype = torch.promote_types(x.dtype, self.weight.dtype)  # float32 under bfloat16 autocast
-        scale = torch.rsqrt(var.to(dtype) + self.eps) * self.weight
-        shift = self.bias - mean.to(dtype) * scale
-        return (x.to(dtype) * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+    def reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(sums)
 
 
 def sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Make every nn.BatchNorm2d of ``module`` a :class:`SyncBatchNorm2d`, in place (same parameters, same state_dict)."""
+    """Make every agent BatchNorm2d of ``module`` a :class:`SyncBatchNorm2d`, in place (same parameters and state)."""
     for m in module.modules():
-        if type(m) is nn.BatchNorm2d:
-            if m.momentum is None or not (m.affine and m.track_running_stats):
-                raise ValueError("sync_batchnorm expects affine BatchNorm2d layers with running statistics and a momentum")
+        if type(m) is BatchNorm2d:
             m.__class__ = SyncBatchNorm2d
     return module
 

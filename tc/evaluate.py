@@ -7,7 +7,9 @@ only the state rows of the environments still running. Modes:
 - ``tc``      the agent generates its thoughts and acts on them (Thought Cloning);
 - ``bc``      the agent acts on the mission only (Behavioural Cloning baseline);
 - ``oracle``  a ThoughtBot follows each environment (told the action actually taken)
-              and its thought replaces the generated one (``act(thoughts=...)``);
+              and its thought replaces the generated one (``act(thoughts=...)``); when
+              the bot cannot follow where the agent took the world, a new bot plans from
+              the current state (the episode never ends for it);
 - ``bot``     the ThoughtBot acts itself: the expert's reference success, no agent.
 
 Action sampling draws from one random stream per episode, seeded by
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from tc import vocab
 from tc.demos import ACTION_NAMES
 from tc.envs import check_env_id, make_env, reset_quiet
-from tc.model import load_agent
+from tc.checkpoint import load_agent
 from tc.train import pick_device
 from tc.thoughts import ThoughtBot
 
@@ -61,7 +63,7 @@ class Episode:
     reward: float = 0.0
     length: int = 0
     halted: bool = False  # stopped by an on_step hook (precrime intervention)
-    bot_error: str | None = None  # oracle mode: the bot could not follow the agent (the episode ended)
+    bot_restarts: int = 0  # oracle mode: times the bot could not follow the agent and a new one took over
     actions: list[int] = field(default_factory=list)
     thoughts: list[str] = field(default_factory=list)  # thought in force at each step; empty for bc
     interactions: list[Interaction] = field(default_factory=list)
@@ -222,8 +224,7 @@ def evaluate(
                 if event is not None:
                     ep.interactions.append(event)
                 if not done and bots is not None:
-                    advice[j] = _advise(bots[j], ep, a)
-                    done = advice[j] is None  # the bot cannot follow: the episode ends unsuccessful
+                    advice[j] = _advise(bots, j, envs[j], ep, a, advice[j])
                 if done:
                     ep.success = reward > 0
                     if render:
@@ -241,15 +242,23 @@ def evaluate(
     return episodes
 
 
-def _advise(bot, ep: Episode, action: int) -> tuple[int, str] | None:
-    """The bot's next (action, thought), told the action actually taken; None when it gives up."""
+def _advise(bots: list, j: int, env, ep: Episode, action: int, previous: tuple[int, str]) -> tuple[int, str]:
+    """The next (action, thought) of bot ``j``, told the action actually taken.
+
+    The minigrid bot gives up when the agent opened a box (DisappearedBoxError) or moved the
+    world into a state its planner asserts against (e.g. no path to a target it had found).
+    Then a new bot plans from the current state (``ep.bot_restarts`` counts it); should that
+    one fail too, the previous advice stands for this step and the next step tries again.
+    """
     try:
-        return bot.step(action)
-    # The minigrid bot gives up when the agent opened a box (DisappearedBoxError) or moved the
-    # world into a state its planner asserts against (e.g. no path to a target it had found).
-    except (DisappearedBoxError, AssertionError) as err:
-        ep.bot_error = f"{type(err).__name__}: {err}"
-        return None
+        return bots[j].step(action)
+    except (DisappearedBoxError, AssertionError):
+        ep.bot_restarts += 1
+    try:
+        bots[j] = ThoughtBot(env)
+        return bots[j].step(None)
+    except (DisappearedBoxError, AssertionError):
+        return previous
 
 
 @torch.inference_mode()
@@ -341,8 +350,8 @@ def eval_device(params: dict) -> torch.device:
 
 
 def summarize(episodes: list[Episode]) -> dict:
-    """Success rate, mean return, mean length (steps), halted episodes (intervention) and
-    episodes ended because the oracle bot could not follow the agent (counted as failures)."""
+    """Success rate, mean return, mean length (steps), halted episodes (intervention) and the
+    times an oracle bot could not follow the agent and a new one planned from where it was."""
     n = len(episodes)
     mean = (lambda xs: float(np.mean(xs))) if n else (lambda xs: None)  # an empty OOD bin: null
     return {
@@ -351,5 +360,5 @@ def summarize(episodes: list[Episode]) -> dict:
         "mean_return": mean([e.reward for e in episodes]),
         "mean_length": mean([e.length for e in episodes]),
         "halted": sum(e.halted for e in episodes),
-        "bot_errors": sum(e.bot_error is not None for e in episodes),
+        "bot_restarts": sum(e.bot_restarts for e in episodes),
     }

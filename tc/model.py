@@ -1,43 +1,50 @@
-"""The Thought Cloning agent (two levels) and the BC baseline (lower level alone).
+"""The Thought Cloning agent of the paper (two levels sharing their perception) and the BC baseline.
 
-Upper level, the thought generator: the mission is encoded by a bidirectional GRU; the
-thoughts emitted so far are summarised by an LSTM cell (pushed each time the thought
-changes); a transformer-style cross attention lets that history query the mission words;
-the result FiLM-modulates the image features; an LSTM cell is the memory; a GRU cell
-decoder writes the next thought word by word (teacher-forced in training, greedy when
-acting).
+Shared perception (:class:`Perception`), trained by both losses: a bag-of-words
+embedding of the 7x7x3 symbolic view and two conv/BN/ReLU layers; ONE word embedding; a
+bidirectional GRU for the mission and one for thoughts.
 
-Lower level, the action generator (BabyAI 1.1 agent): bag-of-words image embedding and
-two convolutions, two FiLM blocks with residuals conditioned on a memory-keyed attention
-over the word encodings of (thought + mission), an LSTM cell memory and an actor head.
-The BC baseline (``use_thoughts=False``) is the lower level conditioned on the mission only.
+Upper level, the thought generator (:class:`ThoughtGenerator`), at every step:
+  1. mission attention keyed by the previous upper memory (h, c);
+  2. two REFER blocks: the thought history (h, c) queries the mission words (2-head cross
+     attention + position-wise feed-forward, dropout); context = their output + (1);
+  3. two FiLM blocks with residuals over the image features, max-pool, an LSTM cell memory;
+  4. a decoder LSTM of the memory's width, started from the memory's (h, c), writes the
+     thought (teacher-forced in training, greedy when acting);
+  5. the thought (given or generated) is encoded, attended by a key of the new memory, and
+     pushed into the history LSTM cell (every step).
 
-Everything that does not depend on the recurrent memory (image stems, word encodings,
-the upper level's attention and FiLM, the decoder) runs once over all frames of a chunk;
-only the memory cells (and the lower FiLM stack, whose attention is keyed by the memory)
-step through time. Frames are laid out *time-major with a shrinking active set*: the
-episodes of a batch are sorted by length, longest first, so step t covers the first
-``sizes[t]`` episodes and its rows are one contiguous slice. Acting is the same code with
-one step of ``sizes=[B]``.
+Lower level, the action generator (:class:`ActionGenerator`, the BabyAI 1.1 agent): two
+scaled attentions keyed by its previous memory (h, c), over the thought's words and over
+the mission's words, each through its own linear map, summed; FiLM x2 with residuals,
+max-pool, LSTM cell memory, actor MLP. BC is this level on the mission alone.
 
-Step-wise recurrence uses ``nn.LSTMCell``/``nn.GRUCell``: at small batch they are ~6x
-faster on CPU than the fused oneDNN kernels (SPEC, "Speed reference").
+Paper size (image 128, memory 2048, instr 256): 82.2M parameters (TC), 20.4M (BC); the
+public code has 82.5M / 20.6M, the difference being its unused critic head and instruction
+embedding layer, and vocabulary / image-value table sizes.
+
+Layout: the rows of a chunk of training steps are *time-major with a shrinking active set*
+(tc.kernels): whatever does not depend on the recurrence (the image stem, the first FiLM
+convolutions, word encodings of known thoughts, the decoder's teacher-forced pass, the
+actor) runs once over all rows; the rest steps through time. The upper level never reads
+the lower one, so it runs first over the whole chunk, then the lower level. Acting is the
+same ``forward`` with one step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from tc import vocab
-from tc.io import atomic_path
+from tc.kernels import TapedLinear, TapedLSTMCell, per_step
 from tc.params import dataclass_from_dict
 
 N_ACTIONS = 7  # left, right, forward, pickup, drop, toggle, done
@@ -49,11 +56,13 @@ IMAGE_VALUES = max(len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX))
 class ModelConfig:
     """Architecture of an :class:`Agent`; saved in every checkpoint."""
 
-    image_dim: int = 128  # channels of the image features (and the FiLM output)
-    memory_dim: int = 256  # LSTM memory of each level (paper: 2048)
-    instr_dim: int = 128  # word encodings, attention and decoder width (paper: 256)
-    use_thoughts: bool = True  # False: BC baseline, the lower level on the mission only
-    attn_heads: int = 4  # heads of the upper level's cross attention
+    image_dim: int = 128  # channels of the image features (paper: 128)
+    memory_dim: int = 256  # width of every LSTM: memories, thought history, decoder (paper: 2048)
+    instr_dim: int = 128  # word embeddings, encodings and attention width (paper: 256)
+    use_thoughts: bool = True  # False: BC baseline, the action generator on the mission only
+    attn_heads: int = 2  # heads of the REFER cross attention (paper: 2)
+    dropout: float = 0.2  # REFER blocks' dropout (paper: 0.2)
+    attn_dropout: float = 0.1  # dropout on every attention's weights (paper: 0.1)
     vocab_size: int = vocab.VOCAB_SIZE
     max_thought_len: int = vocab.MAX_THOUGHT_LEN
 
@@ -61,6 +70,9 @@ class ModelConfig:
         for name in ("image_dim", "memory_dim", "instr_dim", "attn_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.instr_dim % 2 or self.instr_dim % self.attn_heads:
             raise ValueError(
                 f"ModelConfig.instr_dim ({self.instr_dim}) must be even (two GRU directions) "
@@ -76,47 +88,96 @@ class ModelConfig:
         return asdict(self)
 
 
-class ActOutput(NamedTuple):
-    logits: Tensor  # [B, N_ACTIONS]
-    thoughts: Tensor | None  # [B, max_thought_len] token ids used this step; None for BC
+class AgentOutput(NamedTuple):
+    logits: Tensor  # [N, N_ACTIONS] action logits
+    thoughts: Tensor | None  # [N, max_thought_len] the thoughts acted on (given or generated); None for BC
+    thought_logits: Tensor | None  # [K, vocab] teacher-forced logits of the K words of ``targets`` (see forward)
     state: dict[str, Tensor]
 
 
 # ----------------------------------------------------------------------------- blocks
 
 
-class ImageStem(nn.Module):
-    """Bag-of-words embedding of the 7x7x3 symbolic image, then two 3x3 convolutions."""
+def babyai_init(module: nn.Module) -> None:
+    """BabyAI's ``initialize_parameters``: Linear rows drawn N(0, 1) then scaled to unit norm, zero bias."""
+    if isinstance(module, nn.Linear):
+        with torch.no_grad():
+            module.weight.normal_(0, 1)
+            module.weight.div_(module.weight.norm(dim=1, keepdim=True))
+            if module.bias is not None:
+                module.bias.zero_()
 
-    def __init__(self, dim: int):
-        super().__init__()
-        # One embedding table for the three channels; channel c uses rows c*IMAGE_VALUES + value.
-        self.embedding = nn.Embedding(3 * IMAGE_VALUES, dim)
-        self.register_buffer("offsets", torch.arange(3) * IMAGE_VALUES, persistent=False)
-        self.convs = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU(),
-            nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU(),
-        )
 
-    def forward(self, images: Tensor) -> Tensor:
-        """uint8/long [N, 7, 7, 3] -> float [N, dim, 7, 7]."""
-        x = self.embedding(images.long() + self.offsets).sum(3)  # [N, 7, 7, dim]
-        return self.convs(x.permute(0, 3, 1, 2))  # NCHW shape, NHWC (channels-last) memory
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose running statistics weigh every training frame of an update the same.
+
+    In training each call is normalised by its own rows' statistics, as ``nn.BatchNorm2d``
+    does. But the per-step layers are called once per time step with only the episodes
+    still running (1-2 rows at the end of a long episode), and ``nn.BatchNorm2d``'s running
+    average would come from the last few calls of the last batch, which evaluation then
+    uses. Here the calls only add up per-channel sums; :meth:`commit` (once per optimiser
+    step) folds the statistics of all the update's frames into the running ones.
+    ``reduce`` sums the statistics over data-parallel ranks (tc.distributed).
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features)
+        self.register_buffer("update_sums", torch.zeros(2 * num_features + 1, dtype=torch.float64), persistent=False)
+
+    def reduce(self, sums: Tensor) -> Tensor:
+        return sums
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        c = self.num_features
+        x64 = x.double()  # E[x^2] - E[x]^2 in float64 loses nothing
+        count = x.new_full((1,), x.numel() // c, dtype=torch.float64)
+        sums = self.reduce(torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)), count]))
+        with torch.no_grad():
+            self.update_sums += sums
+        n = sums[2 * c].clamp(min=1)
+        mean = sums[:c] / n
+        var = (sums[c : 2 * c] / n - mean * mean).clamp(min=0)
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)  # float32 under bfloat16 autocast
+        scale = torch.rsqrt(var.to(dtype) + self.eps) * self.weight
+        shift = self.bias - mean.to(dtype) * scale
+        return (x.to(dtype) * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Fold the frames seen since the last commit into the running statistics (unbiased variance)."""
+        c, n = self.num_features, self.update_sums[-1]
+        if n > 1:
+            mean = self.update_sums[:c] / n
+            var = (self.update_sums[c : 2 * c] / n - mean * mean).clamp(min=0) * n / (n - 1)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+        self.update_sums.zero_()
+
+
+def commit_batchnorm(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, BatchNorm2d):
+            m.commit()
+
+
+def conv_bn(dim: int) -> list[nn.Module]:
+    return [nn.Conv2d(dim, dim, 3, padding=1), BatchNorm2d(dim)]
 
 
 class FiLMBlock(nn.Module):
-    """conv-BN-ReLU-conv, then feature-wise affine modulation by ``cond``, BN, ReLU, residual.
+    """conv-BN-ReLU-conv, feature-wise affine modulation by ``cond``, BN, ReLU; plus the input (residual).
 
-    ``features`` (the two convolutions) does not depend on ``cond``, so callers may run it
-    on many frames at once and pass the result to ``forward``.
+    ``features`` (the convolutions) does not depend on ``cond``: callers may run it on many
+    frames at once and pass the result to ``forward``.
     """
 
     def __init__(self, dim: int, cond_dim: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(dim)
-        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(dim)
+        self.conv1, self.bn1 = conv_bn(dim)
+        self.conv2, self.bn2 = conv_bn(dim)
         self.gamma = nn.Linear(cond_dim, dim)
         self.beta = nn.Linear(cond_dim, dim)
 
@@ -130,262 +191,252 @@ class FiLMBlock(nn.Module):
         return F.relu(self.bn2(out)) + x
 
 
-class WordEncoder(nn.Module):
-    """Bidirectional GRU over token ids (packed, so padding does not leak into either direction)."""
+def film_pool(films: nn.ModuleList, x: Tensor, cond: Tensor, feats: Tensor) -> Tensor:
+    """Both FiLM blocks (the first one's convolutions precomputed), then the 7x7 max-pool.
 
-    def __init__(self, vocab_size: int, dim: int):
+    The paper applies a ReLU after the pool; the pooled values are sums of ReLU outputs,
+    already >= 0, so it is left out.
+    """
+    return films[1](films[0](x, cond, feats), cond).amax((2, 3))
+
+
+def attend(key: Tensor, words: Tensor, mask: Tensor, dropout: float, training: bool) -> Tensor:
+    """Scaled dot-product attention of one query per row over its words: [n, d] x [n, L, d] -> [n, d]."""
+    scores = torch.bmm(words, key.unsqueeze(2)).squeeze(2) / math.sqrt(key.shape[1])
+    weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(1), dropout, training)
+    return torch.bmm(weights.unsqueeze(1), words).squeeze(1)
+
+
+class ReferBlock(nn.Module):
+    """Multi-head cross attention of one query over the mission words, then a position-wise
+    feed-forward layer; each sublayer with dropout, a residual and LayerNorm (post-norm).
+
+    The paper's block does not mask the padding of the mission words (pads are encoded as
+    zeros and still draw weight, by an amount that depends on the batch's longest mission);
+    here pads are masked, so a mission's encoding does not depend on its batch.
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=vocab.PAD)
-        self.gru = nn.GRU(dim, dim // 2, batch_first=True, bidirectional=True)
+        self.heads, self.dropout, self.attn_dropout = heads, dropout, attn_dropout
+        self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.ff1, self.ff2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
 
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """tokens long [N, L] -> (word encodings [N, L, dim], mask bool [N, L], summary [N, dim]).
+    def keys_values(self, words: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head keys and values of the mission words [B, L, d] -> [B, L, heads, d/heads] (once per episode)."""
+        B, L, d = words.shape
+        return self.key(words).view(B, L, self.heads, d // self.heads), self.value(words).view(B, L, self.heads, d // self.heads)
 
-        An all-<pad> row (no thought yet) gets zero encodings and a zero summary.
-        """
-        mask = tokens != vocab.PAD
-        if tokens.shape[0] == 0:  # no rows (a data-parallel rank whose episodes have ended): packing refuses them
-            out = self.embedding(tokens)
-            return out, mask, out.new_zeros(0, out.shape[2])
-        lengths = mask.sum(1)
-        packed = pack_padded_sequence(
-            self.embedding(tokens), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
-        )
-        out, h_n = self.gru(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
-        summary = torch.cat([h_n[0], h_n[1]], 1) * (lengths > 0).unsqueeze(1)
-        return out * mask.unsqueeze(2), mask, summary
-
-
-def encode_unique(encoder: WordEncoder, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``encoder(tokens)`` computed once per distinct row: a thought lasts many steps."""
-    uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
-    out, mask, summary = encoder(uniq)
-    return out[inverse], mask[inverse], summary[inverse]
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        n, d = query.shape
+        q = self.query(query).view(n, self.heads, d // self.heads)
+        scores = torch.einsum("nhk,nlhk->nhl", q, keys) / math.sqrt(q.shape[2])
+        weights = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(2)
+        weights = F.dropout(weights, self.attn_dropout, self.training)
+        ctx = torch.einsum("nhl,nlhk->nhk", weights, values).reshape(n, d)
+        x = self.norm1(F.dropout(self.out(ctx), self.dropout, self.training) + query)
+        return self.norm2(F.dropout(self.ff2(F.relu(self.ff1(x))), self.dropout, self.training) + x)
 
 
-def per_step(sizes: list[int], *tensors: Tensor) -> zip:
-    """Iterate over the steps of time-major ``tensors``: yields (n, rows of each tensor).
-
-    ``split`` rather than slicing: the backward of a slice writes a zero tensor as large
-    as the whole input, per step; that of ``split`` concatenates the gradients once.
-    """
-    return zip(sizes, *(t.split(sizes) for t in tensors))
+# ----------------------------------------------------------------------------- perception
 
 
-def episode_rows(sizes: list[int], device: torch.device) -> Tensor:
-    """Episode index (position in the batch) of every row of the time-major layout."""
-    return torch.cat([torch.arange(n, device=device) for n in sizes])
+class Perception(nn.Module):
+    """Observation encoder shared by both levels: image stem, word embedding, mission / thought GRUs."""
 
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.instr_dim
+        # One table for the three image channels; channel k uses rows k * IMAGE_VALUES + value.
+        self.image_embedding = nn.Embedding(3 * IMAGE_VALUES, cfg.image_dim)
+        self.register_buffer("offsets", torch.arange(3) * IMAGE_VALUES, persistent=False)
+        self.image_conv = nn.Sequential(*conv_bn(cfg.image_dim), nn.ReLU(), *conv_bn(cfg.image_dim), nn.ReLU())
+        self.word_embedding = nn.Embedding(cfg.vocab_size, d, padding_idx=vocab.PAD)
+        self.mission_rnn = nn.GRU(d, d // 2, batch_first=True, bidirectional=True)
+        self.thought_rnn = nn.GRU(d, d // 2, batch_first=True, bidirectional=True) if cfg.use_thoughts else None
 
-class GradTape:
-    """Sums the gradient of a weight used at every step of a recurrence in one matmul.
+    def image(self, images: Tensor) -> Tensor:
+        """uint8/long [N, 7, 7, 3] -> float [N, image_dim, 7, 7] (channels-last memory)."""
+        x = self.image_embedding(images.long() + self.offsets).sum(3)
+        return self.image_conv(x.permute(0, 3, 1, 2))
 
-    Autograd would build and add a full [out, in] gradient matrix at every step: for a
-    2048-wide LSTM that is ~200 MB of memory traffic per step, which dominates CPU training
-    time. The tape keeps each step's (input, output gradient) instead; the last of the
-    steps' backward calls (``pending`` reaches 0) returns the whole sum. Every taped step
-    must reach the loss (true here: each step's memory feeds a head), or the weight would
-    get no gradient. One tape per forward pass.
-    """
-
-    def __init__(self):
-        self.pending = 0
-        self.inputs: list[Tensor] = []
-        self.grads: list[Tensor] = []
-
-
-class _TapedMatmul(torch.autograd.Function):
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: Tensor, weight: Tensor, tape: GradTape) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.tape = tape
-        tape.pending += 1
-        return x.mm(weight.t())
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        tape = ctx.tape
-        tape.inputs.append(x)
-        tape.grads.append(grad)
-        tape.pending -= 1
-        grad_weight = None
-        if tape.pending == 0:
-            grad_weight = torch.cat(tape.grads).t().mm(torch.cat(tape.inputs))
-            tape.inputs, tape.grads = [], []
-        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_weight, None
-
-
-def taped_linear(x: Tensor, weight: Tensor, tape: GradTape | None) -> Tensor:
-    """``x @ weight.T``, through ``tape`` when autograd records (training)."""
-    if tape is None or not torch.is_grad_enabled():
-        return x.mm(weight.t())
-    return _TapedMatmul.apply(x, weight, tape)
-
-
-def lstm_step(cell: nn.LSTMCell, x_gates: Tensor, h: Tensor, c: Tensor, tape: GradTape | None) -> tuple[Tensor, Tensor]:
-    """One step of ``cell`` (same maths as ``nn.LSTMCell``) given the input's gate term
-    ``x @ W_ih.T + b_ih + b_hh``; the recurrent weight's gradient goes through ``tape``."""
-    gates = x_gates + taped_linear(h, cell.weight_hh, tape)
-    i, f, g, o = gates.chunk(4, 1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
-
-
-def input_gates(cell: nn.LSTMCell, x: Tensor, tape: GradTape | None = None) -> Tensor:
-    return taped_linear(x, cell.weight_ih, tape) + (cell.bias_ih + cell.bias_hh)
-
-
-def run_lstm(cell: nn.LSTMCell, x: Tensor, sizes: list[int], h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Step ``cell`` through the time-major rows ``x``; returns (outputs [N, H], h, c).
-
-    The input term is computed for all rows at once. The returned state has
-    ``sizes[-1]`` rows: the episodes still running.
-    """
-    x_gates = input_gates(cell, x)
-    tape = GradTape()
-    outs = []
-    for n, x_n in per_step(sizes, x_gates):
-        h, c = lstm_step(cell, x_n, h[:n], c[:n], tape)
-        outs.append(h)
-    return torch.cat(outs), h, c
+    def words(self, tokens: Tensor, thoughts: bool) -> tuple[Tensor, Tensor]:
+        """tokens long [N, L] -> (encodings [N, L, d], mask bool [N, L]); packed, so padding
+        leaks into neither direction; pad positions are zero. Computed once per distinct row."""
+        rnn = self.thought_rnn if thoughts else self.mission_rnn
+        uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        mask = uniq != vocab.PAD
+        emb = self.word_embedding(uniq)
+        if uniq.shape[0] == 0:  # a data-parallel rank without rows: packing refuses them
+            return emb[inverse], mask[inverse]
+        lengths = mask.sum(1).clamp(min=1).cpu()
+        out, _ = rnn(pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False))
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        return (out * mask.unsqueeze(2))[inverse], mask[inverse]
 
 
 # ----------------------------------------------------------------------------- levels
 
 
-class ActionGenerator(nn.Module):
-    """Lower level: the BabyAI 1.1 agent; conditioned on (thought + mission) or the mission only."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.words = WordEncoder(cfg.vocab_size, cfg.instr_dim)
-        self.stem = ImageStem(cfg.image_dim)
-        self.films = nn.ModuleList([FiLMBlock(cfg.image_dim, cfg.instr_dim) for _ in range(2)])
-        self.memory_to_key = nn.Linear(cfg.memory_dim, cfg.instr_dim)
-        self.memory = nn.LSTMCell(cfg.image_dim, cfg.memory_dim)
-        self.actor = nn.Sequential(nn.Linear(cfg.memory_dim, 64), nn.Tanh(), nn.Linear(64, N_ACTIONS))
-
-    def forward(
-        self,
-        images: Tensor,
-        sizes: list[int],
-        mission_words: Tensor,
-        mission_mask: Tensor,
-        state: dict[str, Tensor],
-        thoughts: Tensor | None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Action logits [N, 7] for the time-major rows; new state (rows still running)."""
-        stem = self.stem(images)
-        feats1 = self.films[0].features(stem)  # independent of the memory: all frames at once
-        steps = per_step(sizes, stem, feats1)
-        if thoughts is not None:
-            t_words, t_mask, _ = encode_unique(self.words, thoughts)
-            steps = per_step(sizes, stem, feats1, t_words, t_mask)
-        h, c = state["low_h"], state["low_c"]
-        tape_ih, tape_hh = GradTape(), GradTape()
-        outs = []
-        for n, stem_n, feats_n, *thought_n in steps:
-            h, c = h[:n], c[:n]
-            words, mask = mission_words[:n], mission_mask[:n]
-            if thoughts is not None:
-                words = torch.cat([thought_n[0], words], 1)
-                mask = torch.cat([thought_n[1], mask], 1)
-            # Attention over the words, keyed by the memory (BabyAI 1.1's "attgru").
-            scores = torch.einsum("nld,nd->nl", words, self.memory_to_key(h)).masked_fill(~mask, float("-inf"))
-            cond = torch.einsum("nl,nld->nd", scores.softmax(1), words)
-            x = self.films[0](stem_n, cond, feats_n)
-            x = self.films[1](x, cond)
-            h, c = lstm_step(self.memory, input_gates(self.memory, x.amax((2, 3)), tape_ih), h, c, tape_hh)
-            outs.append(h)
-        return self.actor(torch.cat(outs)), {"low_h": h, "low_c": c}
+def memory_input(h: Tensor, c: Tensor) -> Tensor:
+    """The paper keys its attentions with the whole LSTM state (h, c)."""
+    return torch.cat([h, c], 1)
 
 
 class ThoughtGenerator(nn.Module):
-    """Upper level: writes a thought (a short token sequence) at every step."""
+    """Upper level: writes a thought at every step (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d = cfg.instr_dim
-        self.max_len = cfg.max_thought_len
-        self.words = WordEncoder(cfg.vocab_size, d)
-        self.history = nn.LSTMCell(d, d)
-        self.cross_attn = nn.MultiheadAttention(d, cfg.attn_heads, batch_first=True)
-        self.attn_norm = nn.LayerNorm(d)
-        self.stem = ImageStem(cfg.image_dim)
-        self.films = nn.ModuleList([FiLMBlock(cfg.image_dim, d) for _ in range(2)])
-        self.memory = nn.LSTMCell(cfg.image_dim, cfg.memory_dim)
-        # Decoder: a GRU cell started from (and fed at every token) a projection of the memory.
-        self.dec_init = nn.Linear(cfg.memory_dim, d)
-        self.dec_context = nn.Linear(cfg.memory_dim, d)
-        self.dec_embedding = nn.Embedding(cfg.vocab_size, d, padding_idx=vocab.PAD)
-        self.decoder = nn.GRUCell(2 * d, d)
-        self.dec_out = nn.Linear(d, cfg.vocab_size)
+        d, m = cfg.instr_dim, cfg.memory_dim
+        self.cfg = cfg
+        self.history = nn.LSTMCell(d, m)
+        self.history_to_query = nn.Linear(2 * m, d)
+        self.memory_to_key = nn.Linear(2 * m, d)  # mission attention
+        self.memory_to_thought_key = nn.Linear(2 * m, d)  # attention over the thought pushed into the history
+        self.refer = nn.ModuleList(ReferBlock(d, cfg.attn_heads, cfg.dropout, cfg.attn_dropout) for _ in range(2))
+        self.films = nn.ModuleList(FiLMBlock(cfg.image_dim, d) for _ in range(2))
+        self.memory = nn.LSTMCell(cfg.image_dim, m)
+        self.decoder = nn.LSTMCell(d, m)
+        self.decoder_out = nn.Linear(m, cfg.vocab_size)
 
-    def scan_history(
-        self, thoughts: Tensor, prev: Tensor, sizes: list[int], h: Tensor, c: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Push each row's thought into the history when it differs from the previous step's.
+    def forward(
+        self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
+        thoughts: Tensor | None, perception: Perception,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """Step through the time-major rows ``x0`` (image features).
 
-        Returns (history *before* each row's push [N, d], h, c). A thought lasting many
-        steps is pushed once, so the history holds the sequence of distinct thoughts.
+        ``thoughts`` [N, L]: the thoughts to push into the history (teacher forcing, oracle,
+        steering); None: the level's own greedy thoughts (free running). Returns (thoughts,
+        their word encodings and mask, memory h and c of every row, new state).
         """
-        _, _, vecs = encode_unique(self.words, thoughts)
-        changed = (thoughts != prev).any(1, keepdim=True)
-        before = []
-        for n, vecs_n, changed_n in per_step(sizes, vecs, changed):
-            h, c = h[:n], c[:n]
-            before.append(h)
-            h2, c2 = self.history(vecs_n, (h, c))
-            h, c = torch.where(changed_n, h2, h), torch.where(changed_n, c2, c)
-        return torch.cat(before), h, c
-
-    def features(self, images: Tensor, history: Tensor, mission_words: Tensor, mission_mask: Tensor) -> Tensor:
-        """Image features FiLM-fused with (thought history x mission) attention; all rows at once."""
-        if history.shape[0] == 0:  # no rows (a data-parallel rank whose episodes have ended): attention refuses them
-            ctx = history.unsqueeze(1)
+        cfg, p = self.cfg, self.cfg.attn_dropout
+        feats = self.films[0].features(x0)  # independent of the recurrence: all rows at once
+        words, mask = mission["words"], mission["mask"]
+        kvs = [blk.keys_values(words) for blk in self.refer]
+        memory, history = TapedLSTMCell(self.memory), TapedLSTMCell(self.history)
+        to_query, to_key, to_thought_key = (TapedLinear(m) for m in (self.history_to_query, self.memory_to_key,
+                                                                      self.memory_to_thought_key))
+        given = thoughts is not None
+        if given:
+            t_words, t_mask = perception.words(thoughts, True)  # all rows at once
+            steps = per_step(sizes, x0, feats, t_words, t_mask)
         else:
-            ctx, _ = self.cross_attn(
-                history.unsqueeze(1), mission_words, mission_words, key_padding_mask=~mission_mask, need_weights=False
-            )
-        cond = self.attn_norm(history + ctx.squeeze(1))
-        x = self.stem(images)
-        for film in self.films:
-            x = film(x, cond)
-        return x.amax((2, 3))
+            steps = per_step(sizes, x0, feats)
+        h, c, hh, hc = state["up_h"], state["up_c"], state["hist_h"], state["hist_c"]
+        hs, cs, generated = [], [], []
+        for t, (n, x0_n, feats_n, *thought_n) in enumerate(steps):
+            h, c, hh, hc, words_n, mask_n = h[:n], c[:n], hh[:n], hc[:n], words[:n], mask[:n]
+            query = to_query(memory_input(hh, hc))
+            for blk, (k, v) in zip(self.refer, kvs):
+                query = blk(query, k[:n], v[:n], mask_n)
+            cond = query + attend(to_key(memory_input(h, c)), words_n, mask_n, p, self.training)
+            h, c = memory(film_pool(self.films, x0_n, cond, feats_n), h, c)
+            if not given:
+                tokens = self.decode_greedy(h, c, perception.word_embedding)
+                thought_n = perception.words(tokens, True)
+                generated.append((tokens, *thought_n))
+            # The history after a chunk's last step only feeds the next chunk, through a
+            # detached state: outside the graph (a taped weight must reach the loss at every use).
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t < len(sizes) - 1):
+                pushed = attend(to_thought_key(memory_input(h, c)), *thought_n, p, self.training)
+                hh, hc = history(pushed, hh, hc)
+            hs.append(h)
+            cs.append(c)
+        if not given:
+            thoughts, t_words, t_mask = (torch.cat(parts) for parts in zip(*generated))
+        new_state = {"up_h": h, "up_c": c, "hist_h": hh, "hist_c": hc}
+        return thoughts, t_words, t_mask, torch.cat(hs), torch.cat(cs), new_state
 
-    def _decoder_start(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.tanh(self.dec_init(memory)), self.dec_context(memory)
+    def decode_teacher_forced(self, h: Tensor, c: Tensor, targets: Tensor, embedding: nn.Embedding) -> Tensor:
+        """Logits [K, vocab] of each of the K words (and <eos>) of ``targets`` [N, L], in the order of
+        ``targets[targets != PAD]``, each given the previous true words and the memory (h, c) of its row.
 
-    def decode_teacher_forced(self, memory: Tensor, targets: Tensor) -> Tensor:
-        """Logits [N, L, V] of each target token given the previous ground-truth tokens."""
-        hid, ctx = self._decoder_start(memory)
-        bos = torch.full_like(targets[:, :1], vocab.BOS)
-        inputs = self.dec_embedding(torch.cat([bos, targets[:, :-1]], 1))
-        logits = []
-        for k in range(targets.shape[1]):
-            hid = self.decoder(torch.cat([inputs[:, k], ctx], 1), hid)
-            logits.append(self.dec_out(hid))
-        return torch.stack(logits, 1)
+        Rows are sorted by thought length so that decoder step k runs only the rows that
+        still have a word k (a thought has ~6 of the 16 positions).
+        """
+        lengths = (targets != vocab.PAD).sum(1)
+        if targets.shape[0] == 0 or int(lengths.max()) == 0:  # no words (a data-parallel rank without rows)
+            return self.decoder_out(h[:0])
+        order = torch.argsort(lengths, descending=True, stable=True)
+        sorted_len = lengths[order]
+        L = int(sorted_len[0])
+        inputs = torch.cat([torch.full_like(targets[:, :1], vocab.BOS), targets[:, : L - 1]], 1)[order]
+        cell = TapedLSTMCell(self.decoder)
+        gates = cell.input_gates(embedding(inputs).flatten(0, 1)).view(len(order), L, -1)
+        counts = (sorted_len[None, :] > torch.arange(L, device=h.device)[:, None]).sum(1)
+        h, c = h[order], c[order]
+        outs = []
+        for k, n in enumerate(counts.tolist()):
+            h, c = cell.step(gates[:n, k], h[:n], c[:n])
+            outs.append(h)
+        logits = self.decoder_out(torch.cat(outs))  # token-major: step k's rows, then step k + 1's...
+        # Row i's word k sits at (first row of step k) + (position of i in the sorted order).
+        starts = torch.cumsum(counts, 0) - counts
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order), device=h.device)
+        index = (starts[None, :] + position[:, None])[targets[:, :L] != vocab.PAD]
+        return logits[index]
 
-    def decode_greedy(self, memory: Tensor) -> Tensor:
-        """Most likely thought [N, max_len], <eos>-terminated and <pad>-padded; stops early when all rows ended."""
-        hid, ctx = self._decoder_start(memory)
-        out = torch.full((memory.shape[0], self.max_len), vocab.PAD, dtype=torch.long, device=memory.device)
-        tok = torch.full((memory.shape[0],), vocab.BOS, dtype=torch.long, device=memory.device)
-        done = torch.zeros(memory.shape[0], dtype=torch.bool, device=memory.device)
-        for k in range(self.max_len):
-            hid = self.decoder(torch.cat([self.dec_embedding(tok), ctx], 1), hid)
-            tok = self.dec_out(hid).argmax(1)
-            out[:, k] = torch.where(done, vocab.PAD, tok)
+    @torch.no_grad()
+    def decode_greedy(self, h: Tensor, c: Tensor, embedding: nn.Embedding) -> Tensor:
+        """Most likely thought [n, max_len] from the memory (h, c): <eos>-terminated, <pad>-padded.
+
+        <pad> and <bos> are never chosen; stops early once every row has ended.
+        """
+        n = h.shape[0]
+        out = h.new_full((n, self.cfg.max_thought_len), vocab.PAD, dtype=torch.long)
+        tok = h.new_full((n,), vocab.BOS, dtype=torch.long)
+        done = torch.zeros(n, dtype=torch.bool, device=h.device)
+        banned = torch.tensor([vocab.PAD, vocab.BOS], device=h.device)
+        for k in range(self.cfg.max_thought_len):
+            h, c = self.decoder(embedding(tok), (h, c))
+            tok = self.decoder_out(h).index_fill(1, banned, float("-inf")).argmax(1)
+            out[:, k] = tok.masked_fill(done, vocab.PAD)
             done = done | (tok == vocab.EOS)
             if bool(done.all()):
                 break
         return out
+
+
+class ActionGenerator(nn.Module):
+    """Lower level: the BabyAI 1.1 agent, conditioned on (thought + mission) or, for BC, the mission only."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, m = cfg.instr_dim, cfg.memory_dim
+        self.cfg = cfg
+        # Keys of the thought and mission attentions from the memory (h, c): one matrix, one matmul per step.
+        self.memory_to_keys = nn.Linear(2 * m, 2 * d if cfg.use_thoughts else d)
+        self.thought_proj = nn.Linear(d, d) if cfg.use_thoughts else None
+        self.mission_proj = nn.Linear(d, d)
+        self.films = nn.ModuleList(FiLMBlock(cfg.image_dim, d) for _ in range(2))
+        self.memory = nn.LSTMCell(cfg.image_dim, m)
+        self.actor = nn.Sequential(nn.Linear(m, 64), nn.Tanh(), nn.Linear(64, N_ACTIONS))
+
+    def forward(
+        self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
+        thought_words: Tensor | None = None, thought_mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Action logits [N, 7] for the time-major rows (image features ``x0``); new state."""
+        p, d = self.cfg.attn_dropout, self.cfg.instr_dim
+        feats = self.films[0].features(x0)  # independent of the memory: all rows at once
+        memory, to_keys = TapedLSTMCell(self.memory), TapedLinear(self.memory_to_keys)
+        thinking = thought_words is not None
+        steps = per_step(sizes, x0, feats, *((thought_words, thought_mask) if thinking else ()))
+        h, c = state["low_h"], state["low_c"]
+        outs = []
+        for n, x0_n, feats_n, *thought_n in steps:
+            h, c = h[:n], c[:n]
+            keys = to_keys(memory_input(h, c))
+            cond = self.mission_proj(attend(keys[:, -d:], mission["words"][:n], mission["mask"][:n], p, self.training))
+            if thinking:
+                cond = cond + self.thought_proj(attend(keys[:, :d], *thought_n, p, self.training))
+            h, c = memory(film_pool(self.films, x0_n, cond, feats_n), h, c)
+            outs.append(h)
+        return self.actor(torch.cat(outs)), {"low_h": h, "low_c": c}
 
 
 # ----------------------------------------------------------------------------- agent
@@ -397,158 +448,71 @@ class Agent(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.lower = ActionGenerator(cfg)
+        self.perception = Perception(cfg)
         self.upper = ThoughtGenerator(cfg) if cfg.use_thoughts else None
-        # Channels-last convolution weights: the image stem already yields NHWC tensors, and
-        # oneDNN's NHWC kernels ran a 128-channel 7x7 conv (forward + backward) ~20% faster here.
+        self.lower = ActionGenerator(cfg)
+        self.apply(babyai_init)
+        # Channels-last convolution weights: the image stem yields NHWC tensors, and oneDNN's
+        # NHWC kernels ran a 128-channel 7x7 conv (forward + backward) ~20% faster here.
         self.to(memory_format=torch.channels_last)
 
     def encode_mission(self, missions: Tensor) -> dict[str, Tensor]:
         """Word encodings of the missions [B, M] (once per episode), batch-first."""
-        missions = missions.long()
-        words, mask, _ = self.lower.words(missions)
-        enc = {"low_words": words, "mask": mask}
-        if self.upper is not None:
-            enc["up_words"] = self.upper.words(missions)[0]
-        return enc
+        words, mask = self.perception.words(missions.long(), False)
+        return {"words": words, "mask": mask}
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """Zero memories (and, for TC, an empty thought history), batch-first."""
-        zeros = lambda dim: torch.zeros(batch_size, dim, device=device)  # noqa: E731
-        state = {"low_h": zeros(self.cfg.memory_dim), "low_c": zeros(self.cfg.memory_dim)}
-        if self.upper is not None:
-            d = self.cfg.instr_dim
-            state.update(up_h=zeros(self.cfg.memory_dim), up_c=zeros(self.cfg.memory_dim), hist_h=zeros(d), hist_c=zeros(d))
-            state["prev_thought"] = torch.full((batch_size, self.cfg.max_thought_len), vocab.PAD, dtype=torch.long, device=device)
-        return state
+        keys = ("low_h", "low_c") + (("up_h", "up_c", "hist_h", "hist_c") if self.upper is not None else ())
+        return {k: torch.zeros(batch_size, self.cfg.memory_dim, device=device) for k in keys}
 
-    def _pad_thoughts(self, thoughts: Tensor) -> Tensor:
-        thoughts = thoughts.long()
-        extra = self.cfg.max_thought_len - thoughts.shape[1]
-        if extra < 0:
-            raise ValueError(f"thoughts have {thoughts.shape[1]} tokens, more than max_thought_len={self.cfg.max_thought_len}")
-        return F.pad(thoughts, (0, extra), value=vocab.PAD)
+    def forward(
+        self, images: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
+        thoughts: Tensor | None = None, targets: Tensor | None = None,
+    ) -> AgentOutput:
+        """Steps through the time-major rows of a chunk (``sizes[t]`` episodes at step t).
+
+        ``thoughts`` [N, L]: what the upper level pushes into its history and the lower level
+        acts on (teacher forcing, oracle, steering); None: the upper level's own greedy
+        thoughts (free running, as at test time). ``targets`` [N, L]: thoughts whose
+        teacher-forced decoder logits are returned (training). BC ignores both.
+        """
+        x0 = self.perception.image(images)
+        thought_logits = t_words = t_mask = None
+        new_state: dict[str, Tensor] = {}
+        if self.upper is not None:
+            thoughts, t_words, t_mask, h, c, new_state = self.upper(x0, sizes, mission, state, thoughts, self.perception)
+            if targets is not None:
+                thought_logits = self.upper.decode_teacher_forced(h, c, targets, self.perception.word_embedding)
+        else:
+            thoughts = None
+        logits, low_state = self.lower(x0, sizes, mission, state, t_words, t_mask)
+        return AgentOutput(logits, thoughts, thought_logits, {**new_state, **low_state})
 
     @torch.no_grad()
     def act(
         self,
         images: Tensor,
-        directions: Tensor,
-        mission_enc: dict[str, Tensor],
+        directions: Tensor | None,
+        mission: dict[str, Tensor],
         state: dict[str, Tensor],
         thoughts: Tensor | None = None,
-    ) -> ActOutput:
-        """One step for B environments.
+    ) -> AgentOutput:
+        """One step for B environments (``forward`` with one step); never changes ``state``.
 
         ``thoughts`` [B, L], when given, are used instead of generated ones (oracle thoughts,
         human steering). ``directions`` is accepted for the interface but unused: the
         egocentric 7x7 view already fixes the agent's heading (as in BabyAI 1.1).
         """
         del directions
-        B = images.shape[0]
-        new_state: dict[str, Tensor] = {}
-        if self.upper is not None:
-            up = self.upper
-            x = up.features(images, state["hist_h"], mission_enc["up_words"], mission_enc["mask"])
-            h, c = lstm_step(up.memory, input_gates(up.memory, x), state["up_h"], state["up_c"], None)
-            thoughts = up.decode_greedy(h) if thoughts is None else self._pad_thoughts(thoughts)
-            _, hist_h, hist_c = up.scan_history(thoughts, state["prev_thought"], [B], state["hist_h"], state["hist_c"])
-            new_state.update(up_h=h, up_c=c, hist_h=hist_h, hist_c=hist_c, prev_thought=thoughts)
-        else:
-            thoughts = None
-        logits, low = self.lower(images, [B], mission_enc["low_words"], mission_enc["mask"], state, thoughts)
-        new_state.update(low)
-        return ActOutput(logits, thoughts, new_state)
-
-    def thought_step(
-        self, images: Tensor, sizes: list[int], thoughts: Tensor, prev: Tensor, mission_enc: dict, state: dict
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Training pass of the upper level over time-major rows, ground-truth thought history.
-
-        Returns (memory outputs [N, memory_dim] for the decoder, new upper state). The
-        upper level never sees the lower level, so it runs first over a whole chunk.
-        """
-        up = self.upper
-        rows = episode_rows(sizes, images.device)
-        history, hist_h, hist_c = up.scan_history(thoughts, prev, sizes, state["hist_h"], state["hist_c"])
-        x = up.features(images, history, mission_enc["up_words"][rows], mission_enc["mask"][rows])
-        memory, h, c = run_lstm(up.memory, x, sizes, state["up_h"], state["up_c"])
-        return memory, {"up_h": h, "up_c": c, "hist_h": hist_h, "hist_c": hist_c}
+        if thoughts is not None:
+            thoughts = thoughts.long()
+            extra = self.cfg.max_thought_len - thoughts.shape[1]
+            if extra < 0:
+                raise ValueError(f"thoughts have {thoughts.shape[1]} tokens, more than max_thought_len={self.cfg.max_thought_len}")
+            thoughts = F.pad(thoughts, (0, extra), value=vocab.PAD)
+        return self(images, [images.shape[0]], mission, state, thoughts)
 
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-CHECKPOINT_FORMAT = "thought-cloning-agent"
-CHECKPOINT_VERSION = 1
-
-
-def save_checkpoint(path, agent: Agent, train_state: dict | None = None, meta: dict | None = None) -> None:
-    """Write ``agent`` (config, weights, vocab version) and optional resume state, atomically.
-
-    Everything is plain dicts/lists/str/int/float/tensors so ``torch.load(weights_only=True)``
-    reads it back without unpickling code.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "vocab_version": vocab.VOCAB_VERSION,
-        "model_config": agent.cfg.to_dict(),
-        "model": {k: v.detach().cpu() for k, v in agent.state_dict().items()},
-        "train_state": train_state,
-        "meta": meta or {},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read and check a checkpoint written by :func:`save_checkpoint`; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated file, a pickle of code, a text file...
-        raise ValueError(f"{path} is not a readable agent checkpoint (torch.load with weights_only=True failed: {e})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an agent checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
-    if ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has checkpoint format version {ckpt.get('format_version')}, this code reads {CHECKPOINT_VERSION}")
-    if ckpt.get("vocab_version") != vocab.VOCAB_VERSION:
-        raise ValueError(f"{path} was trained with vocabulary version {ckpt.get('vocab_version')}, this code has {vocab.VOCAB_VERSION}")
-    return ckpt
-
-
-def check_config(path, ckpt: dict, expected: ModelConfig) -> None:
-    """Raise ValueError naming ``path`` and every field where the checkpoint's config differs."""
-    saved = ckpt["model_config"]
-    diff = {k: (saved.get(k), v) for k, v in expected.to_dict().items() if saved.get(k) != v}
-    diff.update({k: (saved[k], None) for k in saved.keys() - expected.to_dict().keys()})
-    if diff:
-        text = ", ".join(f"{k}: checkpoint {a!r} vs expected {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"{path} holds a different model architecture ({text})")
-
-
-def load_agent(path, map_location="cpu", expected: ModelConfig | None = None) -> Agent:
-    """Rebuild the :class:`Agent` saved in ``path``; with ``expected``, its config must match."""
-    ckpt = load_checkpoint(path, map_location)
-    if expected is not None:
-        check_config(path, ckpt, expected)
-    try:
-        cfg = ModelConfig.from_dict(ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} has an invalid model config: {e}") from e
-    agent = Agent(cfg)
-    missing, unexpected = agent.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit the {'TC' if cfg.use_thoughts else 'BC'} architecture of this code: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    return agent.to(map_location)

@@ -2,14 +2,17 @@
 
 One update = one batch of whole episodes, cut into chunks of ``recurrence`` steps
 (truncated BPTT: the memories are detached between chunks, gradients of all chunks are
-accumulated, then one optimizer step). Loss per batch:
+accumulated, then one optimizer step, without clipping unless ``max_grad_norm``). Loss:
 
     action NLL - entropy_coef * entropy + sg_coef * thought NLL (teacher-forced decoder)
 
-normalised per frame (actions) and per token (thoughts). The lower level is fed the
-ground-truth thoughts with probability ``tf_ratio(epoch)`` (drawn once per batch), else
-the upper level's greedy thoughts (detached), as at test time. The upper level always
-reads the ground-truth thought history (it is teacher-forced by definition).
+summed over the frames (the thought NLL over a thought's words too) and divided by the
+frames of an average batch: every frame weighs the same whatever the batching
+(:func:`loss_scale`). A batch is teacher-forced with probability ``tf_ratio(epoch)``
+(drawn once per batch): the ground-truth thoughts fill the upper level's history and
+drive the lower level; otherwise the upper level runs free, its own greedy thoughts
+taking their place, as at test time. BatchNorm's running statistics are those of all
+frames of an update (tc.model.BatchNorm2d).
 
 Everything is deterministic for a given seed: the episode order and the teacher-forcing
 coins are pure functions of (seed, epoch, batch). ``last.pt`` is rewritten every
@@ -38,8 +41,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tc import distributed, vocab
+from tc.checkpoint import check_config, load_checkpoint, save_checkpoint
 from tc.demos import Demos
-from tc.model import Agent, ModelConfig, check_config, count_parameters, load_checkpoint, save_checkpoint
+from tc.model import Agent, AgentOutput, ModelConfig, commit_batchnorm, count_parameters
 from tc.params import dataclass_from_dict
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -63,7 +67,8 @@ class TrainConfig:
     entropy_coef: float = 0.01
     sg_coef: float = 2.0  # thought loss weight; 0 = "TC without imitating thoughts"
     stop_tf: int = 2  # teacher forcing ratio 1 for epochs < stop_tf, then linear to 0
-    max_grad_norm: float = 0.5
+    max_grad_norm: float | None = None  # gradient-norm clipping; None: none (paper)
+    thought_loss: str = "sum"  # thought NLL summed over a thought's words (paper) | "mean" per word
     val_interval: int = 2  # epochs between validations (the last epoch always validates)
     val_episodes: int = 50  # success-rate episodes per validation (used by the evaluate_fn)
     checkpoint_interval: int = 50  # updates between resume checkpoints (plus every epoch end)
@@ -80,6 +85,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.thought_loss not in ("sum", "mean"):
+            raise ValueError(f"train.thought_loss must be sum or mean, got {self.thought_loss!r}")
         if self.threads < 0:
             raise ValueError(f"train.threads must be >= 0, got {self.threads}")
 
@@ -152,7 +159,6 @@ class Batch:
     images: torch.Tensor  # uint8 [N, 7, 7, 3]
     actions: torch.Tensor  # long [N]
     thoughts: torch.Tensor  # long [N, L]
-    prev_thoughts: torch.Tensor  # long [N, L]; the previous step's thought, <pad> at t=0
     missions: torch.Tensor  # long [B, M]
     sizes: list[int]  # active episodes per step
     starts: list[int]  # first row of each step, plus N at the end
@@ -174,9 +180,6 @@ def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device, steps: 
     t = np.arange(max(lengths[0], steps))[:, None]
     active = t < lengths[None, :]  # [T, B]; each row a prefix, since lengths are sorted
     idx = (demos.offsets[episodes][None, :] + t)[active]
-    first = np.broadcast_to(t == 0, active.shape)[active]
-    thoughts = demos.thoughts[idx]
-    prev = np.where(first[:, None], vocab.PAD, demos.thoughts[np.maximum(idx - 1, 0)])
     missions = demos.missions[episodes]
     missions = missions[:, : max(1, int((missions != vocab.PAD).sum(1).max()))]
     sizes = active.sum(1)
@@ -184,8 +187,7 @@ def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device, steps: 
     return Batch(
         images=to(demos.images[idx], torch.uint8),
         actions=to(demos.actions[idx], torch.long),
-        thoughts=to(thoughts, torch.long),
-        prev_thoughts=to(prev, torch.long),
+        thoughts=to(demos.thoughts[idx], torch.long),
         missions=to(missions, torch.long),
         sizes=sizes.tolist(),
         starts=np.concatenate([[0], np.cumsum(sizes)]).tolist(),
@@ -195,72 +197,88 @@ def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device, steps: 
 STAT_KEYS = ("frames", "action_nll", "entropy", "action_correct", "thought_tokens", "thought_nll", "thought_correct")
 
 
+def loss_terms(out: AgentOutput, actions: torch.Tensor, thoughts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Summed loss terms and counts of one forward pass (``STAT_KEYS``), as tensors.
+
+    ``thoughts``: the true thoughts of the rows; their words' NLL is summed per thought
+    (a thought's words are one prediction). BC has no thought terms (zeros).
+    """
+    logp = out.logits.float().log_softmax(1)
+    terms = {
+        "frames": torch.tensor(float(actions.shape[0])),
+        "action_nll": -logp.gather(1, actions[:, None]).sum(),
+        "entropy": -(logp.exp() * logp).sum(),
+        "action_correct": (logp.argmax(1) == actions).sum(),
+    }
+    zero = terms["action_nll"].new_zeros(())
+    terms.update(thought_tokens=zero, thought_nll=zero, thought_correct=zero)
+    if out.thought_logits is not None:
+        words = thoughts[thoughts != vocab.PAD]  # the words and <eos>, in the order of thought_logits
+        word_logits = out.thought_logits.float()
+        terms.update(thought_tokens=torch.tensor(float(words.numel())),
+                     thought_nll=F.cross_entropy(word_logits, words, reduction="sum"),
+                     thought_correct=(word_logits.argmax(1) == words).sum())
+    return terms
+
+
+def objective(terms: dict, cfg: TrainConfig, scale: tuple[float, float]):
+    """The training loss from summed ``terms`` (tensors or floats), ``scale`` = (frames, words) normalisers.
+
+    action NLL - entropy_coef * entropy, per frame, + sg_coef * thought NLL, per frame
+    (``thought_loss: sum``: summed over a thought's words, the paper) or per word (``mean``).
+    """
+    frames, words = scale
+    thought = terms["thought_nll"] / (frames if cfg.thought_loss == "sum" else max(words, 1))
+    return (terms["action_nll"] - cfg.entropy_coef * terms["entropy"]) / frames + cfg.sg_coef * thought
+
+
+def loss_scale(demos: Demos, cfg: TrainConfig) -> tuple[float, float]:
+    """The (frames, thought words) of an average batch: the loss normalisers of every batch.
+
+    Constants, not the batch's own counts: batches grouped by length (``sort_window``) hold
+    more frames when their episodes are long, and dividing by their own count would give
+    each frame of a long episode less weight. Every frame weighs the same, on every rank.
+    """
+    per_episode = demos.num_steps / demos.num_episodes
+    words = float((demos.thoughts != vocab.PAD).sum()) / demos.num_episodes
+    return cfg.batch_size * per_episode, cfg.batch_size * words
+
+
 def run_batch(
     agent: Agent,
     batch: Batch,
     cfg: TrainConfig,
     true_thoughts: bool,
     amp: bool,
-    backward: bool,
-    scale: tuple[int, int] | None = None,
+    scale: tuple[float, float] | None = None,
 ) -> dict[str, float]:
-    """Forward (and with ``backward`` accumulate gradients of) one batch; returns summed statistics.
+    """Forward one batch chunk by chunk (truncated BPTT); returns the summed ``loss_terms``.
 
-    The losses are divided by ``scale`` = (frames, thought tokens), by default those of
-    ``batch``; a data-parallel rank passes those of the whole batch (see :func:`loss_scale`).
+    With ``scale`` (training) each chunk's :func:`objective` is back-propagated, gradients
+    accumulating over the chunks. ``true_thoughts``: the teacher-forcing coin; without it
+    the upper level runs free (its own greedy thoughts fill its history and drive the lower
+    level), as at test time. The thought loss is always that of the true thoughts.
     """
     device = batch.images.device
     tc_agent = agent.upper is not None
-    n_frames = batch.frames
-    n_tokens = max(1, int((batch.thoughts != vocab.PAD).sum())) if tc_agent else 1
-    if scale is not None:
-        n_frames, n_tokens = scale
     state = agent.initial_state(batch.sizes[0], device)
     sums = dict.fromkeys(STAT_KEYS, 0.0)
     for t0 in range(0, len(batch.sizes), cfg.recurrence):
         t1 = min(t0 + cfg.recurrence, len(batch.sizes))
         rows = slice(batch.starts[t0], batch.starts[t1])
-        sizes = batch.sizes[t0:t1]
-        images, actions, thoughts = batch.images[rows], batch.actions[rows], batch.thoughts[rows]
+        actions, thoughts = batch.actions[rows], batch.thoughts[rows]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             # Re-encoded per chunk (B missions, cheap): each chunk's graph is freed by its backward.
-            enc = agent.encode_mission(batch.missions)
-            thought_loss = torch.zeros((), device=device)
-            lower_thoughts = None
-            if tc_agent:
-                memory, up_state = agent.thought_step(images, sizes, thoughts, batch.prev_thoughts[rows], enc, state)
-                mask = thoughts != vocab.PAD  # the words and <eos>
-                word_logits = agent.upper.decode_teacher_forced(memory, thoughts).float()[mask]
-                thought_loss = F.cross_entropy(word_logits, thoughts[mask], reduction="sum")
-                sums["thought_nll"] += thought_loss.item()
-                sums["thought_correct"] += (word_logits.argmax(1) == thoughts[mask]).sum().item()
-                sums["thought_tokens"] += mask.sum().item()
-                if true_thoughts:
-                    lower_thoughts = thoughts
-                else:
-                    with torch.no_grad():
-                        lower_thoughts = agent.upper.decode_greedy(memory.detach())
-            logits, low_state = agent.lower(images, sizes, enc["low_words"], enc["mask"], state, lower_thoughts)
-            logp = logits.float().log_softmax(1)
-            nll = -logp.gather(1, actions[:, None]).sum()
-            entropy = -(logp.exp() * logp).sum()
-        sums["action_nll"] += nll.item()
-        sums["entropy"] += entropy.item()
-        sums["action_correct"] += (logp.argmax(1) == actions).sum().item()
-        sums["frames"] += actions.shape[0]
-        if backward:
-            loss = (nll - cfg.entropy_coef * entropy) / n_frames + cfg.sg_coef * thought_loss / n_tokens
-            loss.backward()
-        state = {k: v.detach() for k, v in low_state.items()}
-        if tc_agent:
-            state.update({k: v.detach() for k, v in up_state.items()})
+            mission = agent.encode_mission(batch.missions)
+            out = agent(batch.images[rows], batch.sizes[t0:t1], mission, state,
+                        thoughts=thoughts if true_thoughts else None, targets=thoughts if tc_agent else None)
+        terms = loss_terms(out, actions, thoughts)
+        if scale is not None:
+            objective(terms, cfg, scale).backward()
+        values = torch.stack([terms[k].detach().float().cpu() for k in STAT_KEYS]).tolist()  # one device sync
+        sums = {k: sums[k] + v for k, v in zip(STAT_KEYS, values)}
+        state = {k: v.detach() for k, v in out.state.items()}
     return sums
-
-
-def loss_scale(demos: Demos, episodes: np.ndarray, thoughts: bool) -> tuple[int, int]:
-    """(frames, thought tokens) of ``episodes``, as :func:`run_batch` counts them for a batch of them."""
-    idx = np.concatenate([np.arange(demos.offsets[e], demos.offsets[e + 1]) for e in episodes])
-    return len(idx), max(1, int((demos.thoughts[idx] != vocab.PAD).sum())) if thoughts else 1
 
 
 def train_update(
@@ -270,34 +288,36 @@ def train_update(
     cfg: TrainConfig,
     true_thoughts: bool,
     amp: bool,
-    scale: tuple[int, int] | None = None,
+    scale: tuple[float, float],
 ) -> dict[str, float]:
-    """One optimizer step on ``batch`` (gradients of all its chunks, clipped); returns its statistics.
+    """One optimizer step on ``batch`` (gradients of all its chunks); returns its statistics.
 
-    Under a process group, ``batch`` is this rank's part and ``scale`` the whole batch's
-    counts: gradients and statistics are summed over the ranks before the step.
+    Under a process group, ``batch`` is this rank's part: gradients, BatchNorm statistics
+    and the returned statistics are summed over the ranks before the step.
     """
     optimizer.zero_grad(set_to_none=True)
-    sums = run_batch(agent, batch, cfg, true_thoughts, amp, backward=True, scale=scale)
+    sums = run_batch(agent, batch, cfg, true_thoughts, amp, scale)
     if distributed.rank_and_world()[1] > 1:
         distributed.all_reduce_grads(agent.parameters())
         sums = distributed.all_reduce_sums(sums, batch.images.device)
-    torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+    commit_batchnorm(agent)
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
     optimizer.step()
     return sums
 
 
 def summarize_stats(sums: dict[str, float], cfg: TrainConfig, prefix: str = "") -> dict[str, float | None]:
-    """Per-frame / per-token means of ``run_batch`` sums; thought metrics are None for BC."""
-    frames, tokens = max(sums["frames"], 1), sums["thought_tokens"]
+    """Per-frame / per-word means of ``run_batch`` sums and the loss they make; thought metrics are None for BC."""
+    frames, words = max(sums["frames"], 1), sums["thought_tokens"]
     out = {
         "action_nll": sums["action_nll"] / frames,
         "entropy": sums["entropy"] / frames,
         "action_acc": sums["action_correct"] / frames,
-        "thought_nll": sums["thought_nll"] / tokens if tokens else None,
-        "thought_acc": sums["thought_correct"] / tokens if tokens else None,
+        "thought_nll": sums["thought_nll"] / words if words else None,
+        "thought_acc": sums["thought_correct"] / words if words else None,
+        "loss": objective(sums, cfg, (frames, words)),
     }
-    out["loss"] = out["action_nll"] - cfg.entropy_coef * out["entropy"] + cfg.sg_coef * (out["thought_nll"] or 0.0)
     return {prefix + k: v for k, v in out.items()}
 
 
@@ -308,7 +328,7 @@ def validate(agent: Agent, demos: Demos, cfg: TrainConfig, device: torch.device,
     sums = dict.fromkeys(STAT_KEYS, 0.0)
     all_eps = np.arange(demos.num_episodes)
     for i in range(0, len(all_eps), cfg.batch_size):
-        stats = run_batch(agent, make_batch(demos, all_eps[i : i + cfg.batch_size], device), cfg, False, amp, False)
+        stats = run_batch(agent, make_batch(demos, all_eps[i : i + cfg.batch_size], device), cfg, False, amp)
         sums = {k: sums[k] + stats[k] for k in STAT_KEYS}
     agent.train()
     return summarize_stats(sums, cfg, "val_")
@@ -437,6 +457,7 @@ def train(
         save_checkpoint(last_path, agent, train_state=state)
 
     lengths = np.diff(train_demos.offsets)
+    scale = loss_scale(train_demos, cfg)
     updates_here = 0
     started = time.perf_counter() - ts["wall_time_s"]
     agent.train()
@@ -458,13 +479,11 @@ def train(
             coin = use_true_thoughts(cfg.seed, epoch, b, ratio)
             if world == 1:
                 batch = make_batch(train_demos, batches[b], device)
-                sums = train_update(agent, optimizer, batch, cfg, coin, amp)
             else:
                 # The batch is sorted by length, so every r-th episode gives the ranks similar shares.
                 episodes = batches[b]
                 batch = make_batch(train_demos, episodes[rank::world], device, steps=int(lengths[episodes].max()))
-                scale = loss_scale(train_demos, episodes, agent.upper is not None)
-                sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale)
+            sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale)
             ts["epoch_sums"] = {k: ts["epoch_sums"][k] + sums[k] for k in STAT_KEYS}
             ts["batch"] += 1
             ts["updates"] += 1

@@ -33,10 +33,9 @@ def captions(ep: Episode) -> list[str]:
             out.append(f"step {i}: {ACTION_NAMES[ep.actions[i]]}" + (f" -- thinks: {thought}" if thought else ""))
         elif ep.halted:
             out.append(f"step {i}: halted by the intervention before acting")
-        elif ep.bot_error:
-            out.append(f"step {i}: the bot gave up ({ep.bot_error})")
         else:
-            out.append(f"end after {ep.length} steps: {'success' if ep.success else 'failure'}")
+            restarts = f" (the oracle bot re-planned {ep.bot_restarts}x)" if ep.bot_restarts else ""
+            out.append(f"end after {ep.length} steps: {'success' if ep.success else 'failure'}{restarts}")
     return out
 
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_agent(use_thoughts: bool = True) -> Agent:
     torch.manual_seed(0)
-    return Agent(ModelConfig(image_dim=16, memory_dim=32, instr_dim=16, attn_heads=2, use_thoughts=use_thoughts))
+    return Agent(ModelConfig(image_dim=16, memory_dim=32, instr_dim=16, use_thoughts=use_thoughts))
 
 
 def test_bot_mode_solves_what_the_bot_solves():
@@ -66,6 +66,14 @@ def test_oracle_mode_acts_on_the_thoughts_of_a_bot_following_the_agent():
             env.step(a)
             last = a
         assert ep.thoughts == expected
+
+
+def test_oracle_bot_replans_instead_of_ending_the_episode():
+    """Seed 18: the untrained agent takes BossLevel where the minigrid bot gives up (step < 60);
+    a new bot plans from there, and the episode goes on to its step limit with a thought every step."""
+    (ep,) = evaluate(tiny_agent(), BOSS, [18], "oracle", max_steps=60, progress=False)
+    assert ep.bot_restarts >= 1 and summarize([ep])["bot_restarts"] == ep.bot_restarts
+    assert ep.length == 60 and len(ep.thoughts) == 60 and all(ep.thoughts)
 
 
 def test_bc_mode_has_no_thoughts_and_modes_are_checked():

@@ -3,18 +3,10 @@ import pytest
 import torch
 
 from tc import vocab
+from tc.checkpoint import load_agent, load_checkpoint, save_checkpoint
 from tc.demos import generate_demos, load_demos
-from tc.model import (
-    Agent,
-    ModelConfig,
-    lstm_step,
-    input_gates,
-    GradTape,
-    load_agent,
-    load_checkpoint,
-    run_lstm,
-    save_checkpoint,
-)
+from tc.kernels import TapedLSTMCell, per_step
+from tc.model import Agent, BatchNorm2d, ModelConfig, commit_batchnorm, count_parameters
 from tc.train import make_batch
 
 TINY = dict(image_dim=16, memory_dim=32, instr_dim=16)
@@ -30,9 +22,9 @@ def demos(tmp_path_factory):
     return load_demos(out)
 
 
-def tiny_agent(use_thoughts=True, seed=0):
+def tiny_agent(use_thoughts=True, seed=0, **kw):
     torch.manual_seed(seed)
-    return Agent(ModelConfig(**TINY, use_thoughts=use_thoughts)).eval()
+    return Agent(ModelConfig(**TINY, use_thoughts=use_thoughts, **kw)).eval()
 
 
 def first_steps(demos, n=3):
@@ -46,6 +38,28 @@ def first_steps(demos, n=3):
     )
 
 
+def test_paper_size_parameter_counts():
+    """Within 1% of the public code's 82,543,212 (TC) and 20,550,920 (BC) parameters at paper size."""
+    paper = dict(image_dim=128, memory_dim=2048, instr_dim=256)
+    with torch.device("meta"):  # counts only: no memory, no initialisation cost
+        tc, bc = Agent(ModelConfig(**paper)), Agent(ModelConfig(**paper, use_thoughts=False))
+    assert count_parameters(tc) == pytest.approx(82_543_212, rel=0.01)
+    assert count_parameters(bc) == pytest.approx(20_550_920, rel=0.01)
+    # The structure: one shared perception, BC is the action generator alone on the mission.
+    names = {n.split(".")[0] for n, _ in tc.named_parameters()}
+    assert names == {"perception", "upper", "lower"}
+    assert {n.split(".")[0] for n, _ in bc.named_parameters()} == {"perception", "lower"}
+    assert not any("thought" in n for n, _ in bc.named_parameters())
+
+
+def test_babyai_initialisation():
+    agent = tiny_agent()
+    for name, m in agent.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.testing.assert_close(m.weight.norm(dim=1), torch.ones(m.out_features), msg=name)
+            assert not m.bias.any(), name
+
+
 def test_act_shapes_and_batch_first_row_selection(demos):
     agent = tiny_agent()
     images, directions, missions, _ = first_steps(demos)
@@ -53,10 +67,10 @@ def test_act_shapes_and_batch_first_row_selection(demos):
     out = agent.act(images, directions, enc, agent.initial_state(3))
     assert out.logits.shape == (3, 7) and out.thoughts.shape == (3, vocab.MAX_THOUGHT_LEN)
     assert all(v.shape[0] == 3 for v in list(out.state.values()) + list(enc.values()))
-    # Greedy thoughts: nothing but <pad> after the first <eos>.
-    for row in out.thoughts.tolist():
-        if vocab.EOS in row:
-            assert set(row[row.index(vocab.EOS) + 1 :]) <= {vocab.PAD}
+    for row in out.thoughts.tolist():  # greedy thoughts: no <pad>/<bos> before <eos>, nothing but <pad> after
+        end = row.index(vocab.EOS) if vocab.EOS in row else len(row)
+        assert vocab.PAD not in row[:end] and vocab.BOS not in row[:end]
+        assert set(row[end + 1 :]) <= {vocab.PAD}
     # Rows of state / mission encodings can be selected with t[idx] (finished episodes dropped).
     idx = torch.tensor([0, 2])
     out2 = agent.act(images[idx], directions[idx], {k: v[idx] for k, v in enc.items()},
@@ -74,41 +88,99 @@ def test_given_thoughts_are_used(demos):
     b = torch.from_numpy(vocab.encode_padded(["explore unseen area"] * 3, eos=True))
     out_a, out_b = agent.act(images, directions, enc, state, thoughts=a), agent.act(images, directions, enc, state, thoughts=b)
     assert vocab.decode(out_a.thoughts[0]) == "go to red ball to complete goto mission"
-    assert torch.equal(out_a.state["prev_thought"], out_a.thoughts)
     assert not torch.allclose(out_a.logits, out_b.logits)
+    assert not torch.allclose(out_a.state["hist_h"], out_b.state["hist_h"])  # the thought went into the history
     torch.testing.assert_close(agent.act(images, directions, enc, state, thoughts=a).logits, out_a.logits)
     with pytest.raises(ValueError, match="max_thought_len"):
         agent.act(images, directions, enc, state, thoughts=torch.ones(3, vocab.MAX_THOUGHT_LEN + 1, dtype=torch.long))
 
 
-def test_bc_has_no_thought_decoder(demos):
-    bc, tc = tiny_agent(use_thoughts=False), tiny_agent()
-    assert bc.upper is None and not any(n.startswith("upper") or "dec" in n for n, _ in bc.named_parameters())
-    assert any("decoder" in n for n, _ in tc.named_parameters())
+def test_bc_acts_on_the_mission_alone(demos):
+    bc = tiny_agent(use_thoughts=False)
     images, directions, missions, _ = first_steps(demos)
     out = bc.act(images, directions, bc.encode_mission(missions), bc.initial_state(3))
-    assert out.thoughts is None and set(out.state) == {"low_h", "low_c"}
+    assert out.thoughts is None and out.thought_logits is None and set(out.state) == {"low_h", "low_c"}
 
 
-def test_training_layout_matches_step_by_step_acting(demos):
-    """The chunked time-major training forward equals acting one step at a time (eval mode)."""
+@pytest.mark.parametrize("given", [True, False], ids=["given_thoughts", "free_running"])
+def test_training_layout_matches_step_by_step_acting(demos, given):
+    """The chunked time-major forward equals acting one step at a time (eval mode), with the
+    true thoughts given or with the agent's own greedy thoughts (free running)."""
     agent = tiny_agent()
     batch = make_batch(demos, np.arange(4), torch.device("cpu"))
     with torch.no_grad():
         enc = agent.encode_mission(batch.missions)
         state = agent.initial_state(4)
-        memory, _ = agent.thought_step(batch.images, batch.sizes, batch.thoughts, batch.prev_thoughts, enc, state)
-        logits, _ = agent.lower(batch.images, batch.sizes, enc["low_words"], enc["mask"], state, batch.thoughts)
-    step_logits, step_memory = [], []
+        chunk = agent(batch.images, batch.sizes, enc, state, thoughts=batch.thoughts if given else None)
+    steps = []
     for t, n in enumerate(batch.sizes):
         rows = slice(batch.starts[t], batch.starts[t + 1])
         state = {k: v[:n] for k, v in state.items()}
-        out = agent.act(batch.images[rows], None, {k: v[:n] for k, v in enc.items()}, state, thoughts=batch.thoughts[rows])
+        out = agent.act(batch.images[rows], None, {k: v[:n] for k, v in enc.items()}, state,
+                        thoughts=batch.thoughts[rows] if given else None)
         state = out.state
-        step_logits.append(out.logits)
-        step_memory.append(out.state["up_h"])
-    torch.testing.assert_close(torch.cat(step_logits), logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.cat(step_memory), memory, rtol=1e-4, atol=1e-5)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat([o.logits for o in steps]), chunk.logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(torch.cat([o.thoughts for o in steps]), chunk.thoughts)
+    for k in chunk.state:
+        torch.testing.assert_close(state[k], chunk.state[k], rtol=1e-4, atol=1e-5)
+    if not given:  # a changing, non-empty flow of thoughts (the test would be vacuous otherwise)
+        assert (chunk.thoughts[:, 0] != vocab.EOS).any()
+
+
+def test_teacher_forced_decoding_equals_a_plain_loop(demos):
+    """Sorted, shrinking-set decoding gives each word the logits of a plain per-row LSTM loop."""
+    agent = tiny_agent()
+    up, emb = agent.upper, agent.perception.word_embedding
+    targets = torch.from_numpy(demos.thoughts[[0, 5, 9, 14, 20]]).long()
+    targets[2] = vocab.PAD
+    targets[2, 0] = vocab.EOS  # a thought of <eos> alone
+    torch.manual_seed(1)
+    h, c = torch.randn(5, 32), torch.randn(5, 32)
+    logits = up.decode_teacher_forced(h, c, targets, emb)
+    expected = []
+    for i in range(5):
+        hi, ci, prev = h[i : i + 1], c[i : i + 1], vocab.BOS
+        for word in targets[i][targets[i] != vocab.PAD].tolist():
+            hi, ci = up.decoder(emb(torch.tensor([prev])), (hi, ci))
+            expected.append(up.decoder_out(hi)[0])
+            prev = word
+    assert logits.shape == (int((targets != vocab.PAD).sum()), vocab.VOCAB_SIZE)
+    torch.testing.assert_close(logits, torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_thought_loss_trains_the_shared_perception(demos):
+    """The thought NLL alone reaches the shared image stem, word embedding and mission GRU;
+    the action generator gets nothing from it."""
+    agent = tiny_agent().train()
+    batch = make_batch(demos, np.arange(3), torch.device("cpu"))
+    out = agent(batch.images, batch.sizes, agent.encode_mission(batch.missions), agent.initial_state(3),
+                thoughts=batch.thoughts, targets=batch.thoughts)
+    words = batch.thoughts[batch.thoughts != vocab.PAD]
+    torch.nn.functional.cross_entropy(out.thought_logits, words).backward()
+    p = agent.perception
+    for name, param in [("image embedding", p.image_embedding.weight), ("image conv", p.image_conv[0].weight),
+                        ("word embedding", p.word_embedding.weight), ("mission GRU", p.mission_rnn.weight_ih_l0),
+                        ("thought GRU", p.thought_rnn.weight_ih_l0)]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(q.grad is None or not q.grad.any() for q in agent.lower.parameters())
+
+
+def test_batchnorm_running_statistics_weigh_every_frame_of_the_update():
+    """Calls of 7, 2 and 1 rows (time steps of a shrinking batch): the running statistics
+    become those of all 10 frames, not those of the last call."""
+    torch.manual_seed(0)
+    bn = BatchNorm2d(3)
+    xs = [torch.randn(n, 3, 2, 2) * (i + 1) + i for i, n in enumerate((7, 2, 1))]
+    for x in xs:
+        y = bn(x)  # each call is normalised by its own rows, as nn.BatchNorm2d does
+        torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True))
+    assert torch.equal(bn.running_mean, torch.zeros(3))  # nothing moves before the commit
+    commit_batchnorm(bn)
+    frames = torch.cat(xs).transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(bn.running_mean, 0.1 * frames.mean(1))
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * frames.var(1))
+    assert bn.num_batches_tracked == 1 and not bn.update_sums.any()
 
 
 def test_taped_lstm_equals_lstmcell_with_gradients():
@@ -126,21 +198,19 @@ def test_taped_lstm_equals_lstmcell_with_gradients():
         x.grad = h0.grad = None
         return g
 
-    out, h, _ = run_lstm(cell, x, sizes, h0, c0)
-    taped = grads(out, h)
+    taped, outs, (h, c) = TapedLSTMCell(cell), [], (h0, c0)
+    for n, x_n in per_step(sizes, x):
+        h, c = taped(x_n, h[:n], c[:n])
+        outs.append(h)
+    got = grads(torch.cat(outs), h)
     ref_out, hh, cc, start = [], h0, c0, 0
     for n in sizes:
         hh, cc = cell(x[start : start + n], (hh[:n], cc[:n]))
         ref_out.append(hh)
         start += n
-    torch.testing.assert_close(out, torch.cat(ref_out))
-    for a, b in zip(taped, grads(torch.cat(ref_out), hh)):
+    torch.testing.assert_close(torch.cat(outs), torch.cat(ref_out))
+    for a, b in zip(got, grads(torch.cat(ref_out), hh)):
         torch.testing.assert_close(a, b)
-    # Also the per-step input path used by the lower level (two tapes).
-    tapes = GradTape(), GradTape()
-    h1, _ = lstm_step(cell, input_gates(cell, x[:3], tapes[0]), h0, c0, tapes[1])
-    h2, _ = cell(x[:3], (h0, c0))
-    torch.testing.assert_close(h1, h2)
 
 
 def test_checkpoint_round_trip(tmp_path, demos):
@@ -168,6 +238,10 @@ def test_checkpoint_errors_name_file_and_mismatch(tmp_path):
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"bad\.pt does not fit the BC architecture.*unexpected"):
         load_agent(tmp_path / "bad.pt")
+    ckpt["format_version"] = 1
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old\.pt has checkpoint format version 1.*delete it and train again"):
+        load_agent(tmp_path / "old.pt")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"notes\.txt is not a readable agent checkpoint"):
         load_checkpoint(tmp_path / "notes.txt")

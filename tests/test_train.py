@@ -13,7 +13,8 @@ import yaml
 
 from tc import vocab
 from tc.demos import generate_demos, load_demos
-from tc.model import ModelConfig, load_checkpoint
+from tc.checkpoint import load_checkpoint
+from tc.model import ModelConfig
 from tc.train import TrainConfig, epoch_batches, learning_rate, make_batch, tf_ratio, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +83,7 @@ def test_make_batch_time_major_layout(demos):
             row, src = batch.starts[t] + j, demos.offsets[order[j]] + t
             assert np.array_equal(batch.images[row].numpy(), demos.images[src])
             assert batch.actions[row] == demos.actions[src]
-            prev = demos.thoughts[src - 1] if t else np.full(vocab.MAX_THOUGHT_LEN, vocab.PAD)
-            assert np.array_equal(batch.prev_thoughts[row].numpy(), prev)
+            assert np.array_equal(batch.thoughts[row].numpy(), demos.thoughts[src])
 
 
 def test_loss_decreases_and_metrics_are_logged(tmp_path, demos):
@@ -174,3 +174,98 @@ def test_unknown_config_keys_are_named():
         TrainConfig.from_dict({"epocs": 3})
     with pytest.raises(ValueError, match=r"unknown model config keys \['memory'\]"):
         ModelConfig.from_dict({"memory": 64})
+
+
+def _grads(agent):
+    return {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+
+
+def test_batch_gradients_equal_the_loss_computed_here(demos):
+    """One batch's gradients through run_batch (constant normaliser) equal those of the
+    paper's loss written out here over whole episodes (one BPTT chunk): per frame
+    -log p(action) - 0.01 * entropy, plus 2 x the thought NLL summed over each thought's
+    words, all divided by the frames of an average batch."""
+    from tc.model import Agent
+    from tc.train import loss_scale, run_batch
+
+    model = replace(TINY, dropout=0.0, attn_dropout=0.0)  # two forward passes, one set of weights
+    episodes = np.array([0, 3, 5])
+    batch = make_batch(demos, episodes, torch.device("cpu"))
+    cfg = replace(FAST, recurrence=len(batch.sizes))
+    torch.manual_seed(0)
+    agent = Agent(model).train()
+    scale = loss_scale(demos, cfg)
+    assert scale[0] == pytest.approx(cfg.batch_size * demos.num_steps / demos.num_episodes)
+    run_batch(agent, batch, cfg, True, False, scale)
+    got = _grads(agent)
+    agent.zero_grad(set_to_none=True)
+
+    mission = agent.encode_mission(batch.missions)
+    out = agent(batch.images, batch.sizes, mission, agent.initial_state(3), thoughts=batch.thoughts,
+                targets=batch.thoughts)
+    logp = torch.log_softmax(out.logits, 1)
+    action_nll = -logp[torch.arange(batch.frames), batch.actions]
+    entropy = -(logp.exp() * logp).sum(1)
+    word_logp = torch.log_softmax(out.thought_logits, 1)
+    words = batch.thoughts[batch.thoughts != vocab.PAD]
+    thought_nll = -word_logp[torch.arange(len(words)), words]
+    loss = (action_nll.sum() - 0.01 * entropy.sum() + 2.0 * thought_nll.sum()) / scale[0]
+    assert loss.item() > 0
+    loss.backward()
+    expected = _grads(agent)
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_without_teacher_forcing_the_agent_runs_on_its_own_thoughts(demos):
+    """A batch whose teacher-forcing coin is tails: the lower level acts on the upper level's
+    greedy thoughts and the upper level's history holds them (free running, R4), while the
+    thought loss still scores the true thoughts."""
+    from tc.model import Agent
+    from tc.train import loss_terms, run_batch
+
+    batch = make_batch(demos, np.array([1, 2]), torch.device("cpu"))
+    cfg = replace(FAST, recurrence=len(batch.sizes))
+    torch.manual_seed(0)
+    agent = Agent(TINY).eval()  # no dropout draws: the passes below see the same weights and masks
+    with torch.no_grad():
+        sums = run_batch(agent, batch, cfg, False, False)
+        mission = agent.encode_mission(batch.missions)
+        free = agent(batch.images, batch.sizes, mission, agent.initial_state(2), targets=batch.thoughts)
+        forced = agent(batch.images, batch.sizes, mission, agent.initial_state(2), thoughts=batch.thoughts,
+                       targets=batch.thoughts)
+    # The untrained agent's thoughts differ from the bot's, so the two passes differ.
+    assert not torch.equal(free.thoughts, batch.thoughts)
+    assert not torch.allclose(free.logits, forced.logits)
+    assert not torch.allclose(free.state["hist_h"], forced.state["hist_h"])
+    expected = loss_terms(free, batch.actions, batch.thoughts)
+    assert sums["action_nll"] == pytest.approx(float(expected["action_nll"]), rel=1e-6)
+    assert sums["thought_nll"] == pytest.approx(float(expected["thought_nll"]), rel=1e-6)
+    assert sums["thought_tokens"] == (batch.thoughts != vocab.PAD).sum()
+    # Acting step by step on its own thoughts (as at test time) makes the same thoughts.
+    state, thoughts = agent.initial_state(2), []
+    for t, n in enumerate(batch.sizes):
+        rows = slice(batch.starts[t], batch.starts[t + 1])
+        out = agent.act(batch.images[rows], None, {k: v[:n] for k, v in mission.items()},
+                        {k: v[:n] for k, v in state.items()})
+        state = out.state
+        thoughts.append(out.thoughts)
+    assert torch.equal(torch.cat(thoughts), free.thoughts)
+
+
+def test_gradient_clipping_is_optional(demos):
+    """max_grad_norm None (the paper) leaves the gradient as it is; a value clips its norm."""
+    from tc.model import Agent
+    from tc.train import loss_scale, train_update
+
+    batch = make_batch(demos, np.array([0, 1]), torch.device("cpu"))
+    norms = {}
+    for clip in (None, 1e-3):
+        cfg = replace(FAST, max_grad_norm=clip)
+        torch.manual_seed(0)
+        agent = Agent(replace(TINY, dropout=0.0, attn_dropout=0.0)).train()
+        opt = torch.optim.SGD(agent.parameters(), lr=0.0)  # keep the gradients to look at them
+        train_update(agent, opt, batch, cfg, True, False, loss_scale(demos, cfg))
+        norms[clip] = torch.cat([p.grad.flatten() for p in agent.parameters() if p.grad is not None]).norm().item()
+    assert norms[None] > 1e-2 and norms[1e-3] == pytest.approx(1e-3, rel=1e-4)
