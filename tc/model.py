@@ -355,7 +355,8 @@ class ThoughtGenerator(nn.Module):
         ``targets[targets != PAD]``, each given the previous true words and the memory (h, c) of its row.
 
         Rows are sorted by thought length so that decoder step k runs only the rows that
-        still have a word k (a thought has ~6 of the 16 positions).
+        still have a word k (a thought has ~6 of the 16 positions), and each step's input
+        gates are one contiguous block (a per-step slice's backward would zero-fill all).
         """
         lengths = (targets != vocab.PAD).sum(1)
         if targets.shape[0] == 0 or int(lengths.max()) == 0:  # no words (a data-parallel rank without rows)
@@ -364,13 +365,15 @@ class ThoughtGenerator(nn.Module):
         sorted_len = lengths[order]
         L = int(sorted_len[0])
         inputs = torch.cat([torch.full_like(targets[:, :1], vocab.BOS), targets[:, : L - 1]], 1)[order]
+        active = torch.arange(L, device=h.device)[:, None] < sorted_len[None, :]  # [L, N], token-major
+        counts = active.sum(1)
+        # The input gates of a word depend on the word alone: one row per vocabulary entry.
         cell = TapedLSTMCell(self.decoder)
-        gates = cell.input_gates(embedding(inputs).flatten(0, 1)).view(len(order), L, -1)
-        counts = (sorted_len[None, :] > torch.arange(L, device=h.device)[:, None]).sum(1)
+        gates = cell.input_gates(embedding.weight)[inputs.t()[active]]
         h, c = h[order], c[order]
         outs = []
-        for k, n in enumerate(counts.tolist()):
-            h, c = cell.step(gates[:n, k], h[:n], c[:n])
+        for n, gates_n in per_step(counts.tolist(), gates):
+            h, c = cell.step(gates_n, h[:n], c[:n])
             outs.append(h)
         logits = self.decoder_out(torch.cat(outs))  # token-major: step k's rows, then step k + 1's...
         # Row i's word k sits at (first row of step k) + (position of i in the sorted order).
