@@ -44,11 +44,11 @@ PUBLIC = ROOT.parent / "shared/baselines/public_tc/bench_public.py"
 PAPER_MODEL = {"image_dim": 128, "memory_dim": 2048, "instr_dim": 256}
 
 
-def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, demos_dir: str, updates: int) -> dict:
+def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: int, demos_dir: str, updates: int) -> dict:
     """Time ``updates`` training updates of our agent in this process; returns the measurement."""
     dev = torch.device(device)
-    if dev.type == "cpu":
-        torch.set_num_threads(1)  # the training default (params.yaml: train.threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     model_cfg = ModelConfig(**PAPER_MODEL, use_thoughts=agent_kind == "tc")
     demos = load_demos(demos_dir)
     cfg = TrainConfig(batch_size=batch_size, recurrence=80, device=device, amp=amp,
@@ -72,7 +72,8 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, demos_dir
             frames.append(batch.frames)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
-    return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "amp": amp, "parameters": count_parameters(agent),
+    return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "amp": amp, "threads": threads,
+            "parameters": count_parameters(agent),
             "frames_per_s": sum(frames) / sum(seconds), "update_s": seconds, "frames_per_update": frames,
             "peak_memory_gb": peak, "peak_memory_kind": "cuda max allocated" if dev.type == "cuda" else "max RSS",
             "model": asdict(model_cfg)}
@@ -84,7 +85,8 @@ def run_public(public: Path, device: str, batch_size: int, amp: bool, updates: i
            "--json", str(out)] + ([] if amp else ["--no-amp"])
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=public.parent)
     res = json.loads(out.read_text())
-    return {"impl": "public", "agent": "tc", "batch": batch_size, "amp": amp, **res}
+    return {"impl": "public", "agent": "tc", "batch": batch_size, "amp": amp, **res,
+            "peak_memory_gb": res["peak_memory_mib"] * 2**20 / 1e9}
 
 
 def main() -> None:
@@ -95,14 +97,17 @@ def main() -> None:
     ap.add_argument("--agents", default="tc,bc", help="comma-separated: tc, bc")
     ap.add_argument("--batches", help="comma-separated batch sizes (default: 16 on cpu, 16,180 on cuda)")
     ap.add_argument("--updates", type=int, default=3, help="timed updates of each measurement (after one warm-up)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch CPU thread counts for ours (the public "
+                    "code runs with torch's default)")
     ap.add_argument("--public", default=str(PUBLIC), help="the public code's bench_public.py ('' to skip it)")
     ap.add_argument("--out", help="default: benchmarks/results/train_throughput_<device>.json")
-    ap.add_argument("--one", nargs=3, metavar=("AGENT", "BATCH", "AMP"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=4, metavar=("AGENT", "BATCH", "AMP", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:  # child process: one measurement of ours, printed as JSON
-        agent_kind, batch, amp = args.one
-        print(json.dumps(run_ours(agent_kind, args.device, int(batch), amp == "1", args.demos, args.updates)))
+        agent_kind, batch, amp, threads = args.one
+        print(json.dumps(run_ours(agent_kind, args.device, int(batch), amp == "1", int(threads), args.demos,
+                                  args.updates)))
         return
 
     batches = [int(b) for b in (args.batches or ("16" if args.device == "cpu" else "16,180")).split(",")]
@@ -120,16 +125,22 @@ def main() -> None:
         load_before = os.getloadavg()
         for batch in batches:
             for amp in precisions:
-                for agent_kind in args.agents.split(","):
-                    cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
-                           "--updates", str(args.updates), "--one", agent_kind, str(batch), "1" if amp else "0"]
-                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                    results.append(json.loads(out.strip().splitlines()[-1]))
-                if public is not None:
-                    results.append(run_public(public, args.device, batch, amp, args.updates, tmp))
-                for r in results[-len(args.agents.split(",")) - (public is not None):]:
-                    print(f"{r['impl']:6s} {r['agent']} batch {batch} {'amp ' if amp else 'fp32'}: "
-                          f"{r['frames_per_s']:.1f} frames/s", flush=True)
+                runs = [("ours", agent_kind, threads) for agent_kind in args.agents.split(",")
+                        for threads in (args.threads.split(",") if args.device == "cpu" else ["0"])]
+                for impl, agent_kind, threads in runs + ([("public", "tc", None)] if public is not None else []):
+                    if impl == "public":
+                        results.append(run_public(public, args.device, batch, amp, args.updates, tmp))
+                    else:
+                        cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
+                               "--updates", str(args.updates), "--one", agent_kind, str(batch), "1" if amp else "0",
+                               threads]
+                        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                        results.append(json.loads(out.strip().splitlines()[-1]))
+                    r = results[-1]
+                    print(f"{impl:6s} {agent_kind} batch {batch} {'amp ' if amp else 'fp32'}"
+                          f"{f' threads {threads}' if threads not in (None, '0') else ''}: "
+                          f"{r['frames_per_s']:.1f} frames/s, peak {r['peak_memory_gb']:.1f} GB",
+                          flush=True)
         load_after = os.getloadavg()
 
     def best(impl: str, batch: int, amp: bool | None = None) -> float | None:

@@ -312,7 +312,7 @@ class ThoughtGenerator(nn.Module):
         steering); None: the level's own greedy thoughts (free running). Returns (thoughts,
         their word encodings and mask, memory h and c of every row, new state).
         """
-        cfg, p = self.cfg, self.cfg.attn_dropout
+        p = self.cfg.attn_dropout
         feats = self.films[0].features(x0)  # independent of the recurrence: all rows at once
         words, mask = mission["words"], mission["mask"]
         kvs = [blk.keys_values(words) for blk in self.refer]
