@@ -30,7 +30,7 @@ from minigrid.utils.baby_ai_bot import (
     PickupSubgoal,
 )
 
-from tc.vocab import COLORS
+from tc.vocab import COLORS, OBJECT_TYPES
 
 THOUGHTS_VERSION = 1
 
@@ -212,7 +212,9 @@ class ThoughtBot:
                 self.temp_dropped.add(id(obj))
                 return f"drop {_name(obj)} temporary to remove blocking object"
             return f"drop {_name(obj)} to free hands"
-        if obj is None:
+        if obj is None or obj.type not in OBJECT_TYPES:
+            # A wall (or nothing nameable) in front: the bot is re-planning from a state the
+            # agent took it to (oracle evaluation); it keeps its last thought.
             return None
         if isinstance(sg, PickupSubgoal):
             if instr is not None:

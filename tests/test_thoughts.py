@@ -86,3 +86,21 @@ def test_random_thoughts_are_well_formed():
         assert matches, t
         seen.update(matches)
     assert len(seen) == len(TEMPLATES)
+
+
+def test_no_thought_names_a_wall():
+    """Re-planning from where an agent took it (oracle evaluation), the bot may hold a Pickup
+    subgoal while facing a wall: it keeps its last thought rather than "pickup grey wall"."""
+    from minigrid.core.world_object import Ball, Wall
+    from minigrid.utils.baby_ai_bot import PickupSubgoal
+
+    from tc.envs import make_env, reset_quiet
+    from tc.thoughts import ThoughtBot
+
+    env = make_env("BabyAI-PickupLoc-v0")
+    reset_quiet(env, 0)
+    bot = ThoughtBot(env)
+    sg = PickupSubgoal(bot.bot)
+    sg.tc_parent, sg.tc_instr = None, None
+    assert bot._act_thought(sg, Wall()) is None
+    assert bot._act_thought(sg, Ball("red")) == "remove blocking object red ball"
