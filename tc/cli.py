@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from tc import vocab
-from tc.demos import ACTION_NAMES
+from tc.envs import ACTION_NAMES
 from tc.evaluate import MODES, Episode, load_agent_for, steer
 from tc.watch import FORMATS, save_episode, watch
 

@@ -38,7 +38,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from tc import vocab
 from tc.io import atomic_path
-from tc.params import dataclass_from_dict
+from tc.params import UserError, check_fields, dataclass_from_dict, param
 
 N_ACTIONS = 7  # left, right, forward, pickup, drop, toggle, done
 # Largest value of any of the three image channels (object, colour, state) plus one.
@@ -49,22 +49,21 @@ IMAGE_VALUES = max(len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX))
 class ModelConfig:
     """Architecture of an :class:`Agent`; saved in every checkpoint."""
 
-    image_dim: int = 128  # channels of the image features (and the FiLM output)
-    memory_dim: int = 256  # LSTM memory of each level (paper: 2048)
-    instr_dim: int = 128  # word encodings, attention and decoder width (paper: 256)
-    use_thoughts: bool = True  # False: BC baseline, the lower level on the mission only
-    attn_heads: int = 4  # heads of the upper level's cross attention
-    vocab_size: int = vocab.VOCAB_SIZE
-    max_thought_len: int = vocab.MAX_THOUGHT_LEN
+    image_dim: int = param(128, ge=1)  # channels of the image features (and the FiLM output)
+    memory_dim: int = param(256, ge=1)  # LSTM memory of each level (paper: 2048)
+    instr_dim: int = param(128, ge=2)  # word encodings, attention and decoder width (paper: 256)
+    attn_heads: int = param(4, ge=1, thoughts=True)  # heads of the upper level's cross attention
+    # Not in params.yaml: set by the agent kind and the vocabulary.
+    use_thoughts: bool = param(True, in_params=False)  # False: BC baseline, the lower level on the mission only
+    vocab_size: int = param(vocab.VOCAB_SIZE, ge=1, in_params=False)
+    max_thought_len: int = param(vocab.MAX_THOUGHT_LEN, ge=1, in_params=False)
 
     def __post_init__(self):
-        for name in ("image_dim", "memory_dim", "instr_dim", "attn_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        check_fields(self, "model")
         if self.instr_dim % 2 or self.instr_dim % self.attn_heads:
             raise ValueError(
-                f"ModelConfig.instr_dim ({self.instr_dim}) must be even (two GRU directions) "
-                f"and divisible by attn_heads ({self.attn_heads})"
+                f"model.instr_dim ({self.instr_dim}) must be even (two GRU directions) "
+                f"and divisible by model.attn_heads ({self.attn_heads})"
             )
 
     @classmethod
@@ -482,6 +481,10 @@ def count_parameters(module: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file that cannot be used: unreadable, of another format or vocabulary."""
+
+
 CHECKPOINT_FORMAT = "thought-cloning-agent"
 CHECKPOINT_VERSION = 1
 
@@ -515,13 +518,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated file, a pickle of code, a text file...
-        raise ValueError(f"{path} is not a readable agent checkpoint (torch.load with weights_only=True failed: {e})") from e
+        # Not torch's message: it suggests weights_only=False, i.e. running whatever code the file holds.
+        raise CheckpointError(f"{path} is unreadable: truncated, corrupt or not a checkpoint of this code "
+                              f"({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an agent checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
+        raise CheckpointError(f"{path} is not an agent checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
     if ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has checkpoint format version {ckpt.get('format_version')}, this code reads {CHECKPOINT_VERSION}")
+        raise CheckpointError(f"{path} has checkpoint format version {ckpt.get('format_version')}, this code reads {CHECKPOINT_VERSION}")
     if ckpt.get("vocab_version") != vocab.VOCAB_VERSION:
-        raise ValueError(f"{path} was trained with vocabulary version {ckpt.get('vocab_version')}, this code has {vocab.VOCAB_VERSION}")
+        raise CheckpointError(f"{path} was trained with vocabulary version {ckpt.get('vocab_version')}, this code has {vocab.VOCAB_VERSION}")
     return ckpt
 
 

@@ -12,9 +12,9 @@ Success rates are fractions in [0, 1] in the files and percentages on the figure
 
 from __future__ import annotations
 
-import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -22,9 +22,10 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: stages run headless
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tc.history import load_history  # noqa: E402
 from tc.io import atomic_path  # noqa: E402
+from tc.params import check_fields, param  # noqa: E402
 
-HISTORY_COLUMNS = ("frames", "epoch", "val_success")  # required; other numeric columns are plotted as curves
 CURVE_PANELS = {"loss": "loss", "action_acc": "action accuracy", "thought_acc": "thought accuracy"}
 OOD_AXES = ("behavioural", "cognitive")
 OOD_AGENTS = ("tc", "bc", "oracle")
@@ -33,23 +34,14 @@ AGENT_COLORS = {"tc": "tab:blue", "bc": "tab:orange", "oracle": "tab:green"}
 FIGURES = {"success": "fig3_success_vs_frames.png", "curves": "training_curves.png", "ood": "fig4a_ood.png"}
 
 
-def _number(cell: str) -> float:
-    """A CSV cell as float; empty means not measured (nan)."""
-    return float(cell) if cell.strip() else math.nan
+@dataclass(frozen=True)
+class PlotsConfig:
+    """The ``plots:`` section of params.yaml."""
 
+    dpi: int = param(150, ge=10, le=1200)  # resolution of reports/figures/*.png
 
-def load_history(path: str | Path) -> dict[str, list[float]]:
-    """All columns of a training history CSV as floats; ValueError names the file and the problem."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: history CSV lacks columns {missing} (expected {list(HISTORY_COLUMNS)})")
-        rows = list(reader)
-    try:
-        return {c: [_number(r[c] or "") for r in rows] for c in reader.fieldnames}
-    except ValueError as e:
-        raise ValueError(f"{path}: non-numeric cell in history CSV ({e})") from None
+    def __post_init__(self):
+        check_fields(self, "plots")
 
 
 def load_ood(path: str | Path) -> dict[str, dict[str, dict[str, dict]]]:
