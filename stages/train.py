@@ -37,7 +37,7 @@ from tc.device import pick_device
 from tc.evaluate import EvaluateConfig, evaluate, summarize
 from tc.history import history_csv
 from tc.io import write_json_atomic, write_text_atomic
-from tc.model import ModelConfig, check_config, load_checkpoint
+from tc.model import CheckpointError, ModelConfig, check_config, load_checkpoint
 from tc.params import UserError, load_configs, user_errors
 from tc.train import TrainConfig, check_resume, train
 
@@ -52,7 +52,10 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
     """
     if not last.exists():
         return False
-    ckpt = load_checkpoint(last)
+    try:
+        ckpt = load_checkpoint(last)
+    except CheckpointError as err:
+        raise UserError(f"{err}; delete it or pass --no-resume to start afresh") from None
     try:
         check_config(last, ckpt, model_cfg)
         check_resume(last, ckpt["train_state"], cfg, demos)
