@@ -519,8 +519,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated file, a pickle of code, a text file...
         # Not torch's message: it suggests weights_only=False, i.e. running whatever code the file holds.
-        raise CheckpointError(f"{path} is unreadable: truncated, corrupt or not a checkpoint of this code "
-                              f"({type(e).__name__})") from e
+        raise CheckpointError(f"{path} is not a readable agent checkpoint (truncated, corrupt or not written by "
+                              f"this code: {type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an agent checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
     if ckpt.get("format_version") != CHECKPOINT_VERSION:

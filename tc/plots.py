@@ -6,7 +6,7 @@
   was not measured that epoch: no validation, or no thoughts in BC).
 - Training curves: every history column whose name holds "loss", "action_acc" or "thought_acc".
 - Fig. 4(a): zero-shot success per out-of-distribution bin, TC vs BC vs TC with oracle
-  thoughts, from ood.json (schema in notes/CONTRACTS.md and ``load_ood``).
+  thoughts, from ood.json (schema in docs/ARCHITECTURE.md and ``load_ood``).
 Success rates are fractions in [0, 1] in the files and percentages on the figures.
 """
 
@@ -54,7 +54,7 @@ def load_ood(path: str | Path) -> dict[str, dict[str, dict[str, dict]]]:
     data = json.loads(Path(path).read_text())
 
     def bad(where: str, what: str) -> ValueError:
-        return ValueError(f"{path}: {where}: {what} (schema in notes/CONTRACTS.md)")
+        return ValueError(f"{path}: {where}: {what} (schema in docs/ARCHITECTURE.md)")
 
     if not isinstance(data, dict) or not set(data) <= set(OOD_AXES):
         raise bad("top level", f"expected an object with keys among {OOD_AXES}")

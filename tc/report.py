@@ -2,7 +2,7 @@
 
 Inputs (each optional: a missing one is noted in the report, a malformed one raises
 ValueError naming it): the training histories and metrics of TC and BC, eval.json,
-ood.json (schema in notes/CONTRACTS.md) and safety.json. Reference numbers are those
+ood.json (schema in docs/ARCHITECTURE.md) and safety.json. Reference numbers are those
 read off the paper's figures (SPEC.md, +-2 points).
 """
 

@@ -55,7 +55,7 @@ def test_corrupt_resume_checkpoint_names_the_file_and_the_way_out(tmp_path, monk
     with pytest.raises(SystemExit) as exit_info:
         stage("train").main(["--agent", "tc", "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/tc",
                              "--metrics", "m.json", "--history", "h.csv"])  # fmt: skip
-    err = one_line_error(capsys, exit_info, "models/tc/last.pt is unreadable", "delete it or pass --no-resume")
+    err = one_line_error(capsys, exit_info, "models/tc/last.pt is not a readable agent checkpoint", "delete it or pass --no-resume")
     assert "weights_only" not in err  # torch's advice would run the file's code
 
 
