@@ -215,9 +215,9 @@ def test_killed_training_resumes_under_dvc_repro(micro_repo):
     repro(sh)  # up to date (after the test above) or a full first run
     report_before = (root / "reports/metrics/train_tc.json").read_text()
     set_param(root, "train.sg_coef", 1.0)  # TC only: BC must stay up to date
-    set_param(root, "train.episodes_per_epoch", 48)  # 8 updates an epoch: time to be killed mid-way
     set_param(root, "train.checkpoint_interval", 1)  # speed-only: reruns nothing by itself
     assert "train@bc" not in sh("dvc", "status", "train@bc")
+    set_param(root, "train.episodes_per_epoch", 48)  # 8 updates an epoch: time to be killed mid-way
     log_path = root / "killed.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["dvc", "repro", "train@tc"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
