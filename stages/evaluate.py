@@ -42,5 +42,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{mode}: {report[mode]}")
             write_json_atomic(args.out, report)
 
+
 if __name__ == "__main__":
     main()

@@ -52,5 +52,6 @@ def main(argv: list[str] | None = None) -> None:
         for b, cells in report[axis].items():
             print(axis, b, {m: c["success_rate"] for m, c in cells.items()})
 
+
 if __name__ == "__main__":
     main()

@@ -75,5 +75,6 @@ def merge(out: str) -> dict:
                         f"--shard i/N on each machine and copy the shard-*.npz files and config.json into {out}")
     return write_manifest(out)
 
+
 if __name__ == "__main__":
     main()

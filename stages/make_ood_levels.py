@@ -33,5 +33,6 @@ def main(argv: list[str] | None = None) -> None:
         for b, n in bins.items():
             print(f"WARNING: {axis} bin {b} has only {n} of {o.episodes_per_bin} seeds")
 
+
 if __name__ == "__main__":
     main()

@@ -45,5 +45,6 @@ def main(argv: list[str] | None = None) -> None:
             tracking.log_metrics({"fads": res["fads"]["score"]})
             write_json_atomic(args.out, report)
 
+
 if __name__ == "__main__":
     main()

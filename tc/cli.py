@@ -141,5 +141,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Rollout:
         save_episode(ep, args.out, fps=args.fps, title=f"{level} seed {args.seed} ({args.command})")
     return ep
 
+
 if __name__ == "__main__":
     main()
