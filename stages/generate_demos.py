@@ -4,7 +4,8 @@
 
 Finished shards are kept: a killed run continues where it stopped (dvc.yaml marks the
 folders `persist`, so `dvc repro` keeps them too). A folder holding demos of other
-settings is refused, or with --restart-if-changed (as dvc.yaml runs it) emptied first.
+settings is refused, or with --restart-if-changed (as dvc.yaml runs it) emptied first,
+as is one made by other code (tc.provenance).
 Several machines: machine i of N runs --shard i/N; the shard files and config.json of
 every machine are copied into one folder per split, then --merge writes the manifests.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from tc.demos import DemosConfig, SettingsMismatch, generate_demos, write_manifest
 from tc.params import UserError, load_configs, user_errors
+from tc.provenance import code_digest, record_digest, recorded_digest
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shard", help="i/N: make only shards k with k %% N == i (one machine of N), no manifest")
     ap.add_argument("--merge", action="store_true", help="write the manifests once all shards are present")
     ap.add_argument("--restart-if-changed", action="store_true",
-                    help="empty an output folder holding demos of other settings instead of refusing")
+                    help="empty an output folder of other settings or code instead of refusing other settings")
     args = ap.parse_args(argv)
 
     with user_errors():
@@ -48,17 +50,26 @@ def main(argv: list[str] | None = None) -> None:
         shards = parse_shard(args.shard) if args.shard else None
         splits = [(args.train_out, p.seed, p.episodes), (args.val_out, p.val_seed, p.val_episodes)]
         for out, first_seed, episodes in splits:
-            manifest = merge(out) if args.merge else generate(p, out, first_seed, episodes, shards, args.restart_if_changed)
+            manifest = merge(out) if args.merge else generate(p, out, first_seed, episodes, shards,
+                                                              args.restart_if_changed, code_digest(__file__))
             if manifest:
                 print(f"{out}: {manifest['num_episodes']} episodes, {manifest['num_steps']} steps, "
                       f"{manifest['num_failed']} bot failures, mean length {manifest['length_stats']['mean']:.1f}")
 
 
 def generate(p: DemosConfig, out: str, first_seed: int, episodes: int, shards: tuple[int, int] | None,
-             restart_if_changed: bool) -> dict | None:  # fmt: skip
-    """One split into ``out`` (see tc.demos.generate_demos); a folder of other settings is emptied or refused."""
+             restart_if_changed: bool, code: str) -> dict | None:  # fmt: skip
+    """One split into ``out`` (see tc.demos.generate_demos), keeping its finished shards.
+
+    With ``restart_if_changed``, a folder of other settings or written by other code
+    (``code``: tc.provenance) is emptied first; without, other settings are refused.
+    """
     make = partial(generate_demos, p.level, first_seed, episodes, out, noise_rate=p.noise_rate, workers=p.workers,
                    shard_size=p.shard_size, shards=shards)  # fmt: skip
+    if restart_if_changed and Path(out).exists() and recorded_digest(out) != code:
+        print(f"starting {out} afresh: its demos were made by other code (the stage or a tc module changed since)")
+        shutil.rmtree(out)
+    record_digest(out, code)
     try:
         return make()
     except SettingsMismatch as err:
@@ -66,6 +77,7 @@ def generate(p: DemosConfig, out: str, first_seed: int, episodes: int, shards: t
             raise
         print(f"starting {out} afresh: {err}")
     shutil.rmtree(out)
+    record_digest(out, code)
     return make()
 
 def merge(out: str) -> dict:

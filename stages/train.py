@@ -39,16 +39,19 @@ from tc.history import history_csv
 from tc.io import write_json_atomic, write_text_atomic
 from tc.model import CheckpointError, ModelConfig, check_config, load_checkpoint
 from tc.params import UserError, load_configs, user_errors
+from tc.provenance import code_digest, record_digest, recorded_digest
 from tc.train import TrainConfig, check_resume, train
 
 
-def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demos, restart_if_changed: bool) -> bool:
+def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demos, restart_if_changed: bool,
+               code: str) -> bool:  # fmt: skip
     """Whether to continue from ``last`` (<out>/last.pt).
 
     A last.pt made with other settings or data is refused (UserError), or, with
     ``restart_if_changed``, replaced by a fresh run: dvc.yaml passes that flag, because
     DVC keeps the persisted last.pt of the previous settings when it reruns the stage for
-    new ones (`dvc exp run -S train.sg_coef=1`). An unreadable last.pt is always an error.
+    new ones (`dvc exp run -S train.sg_coef=1`); with it, a last.pt written by other code
+    (``code``: tc.provenance) starts afresh too. An unreadable last.pt is always an error.
     """
     if not last.exists():
         return False
@@ -59,12 +62,18 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
     try:
         check_config(last, ckpt, model_cfg)
         check_resume(last, ckpt["train_state"], cfg, demos)
+        if restart_if_changed and recorded_digest(last.parent) != code:
+            raise ValueError(f"{last} was written by other code (the stage or a tc module changed since)")
     except ValueError as err:
         if not restart_if_changed:
             raise UserError(f"{err}, or pass --no-resume") from None
         print(f"starting afresh: {err}")
         return False
-    print(f"resuming from {last} at epoch {ckpt['train_state']['epoch'] + 1}, update {ckpt['train_state']['updates']}")
+    ts = ckpt["train_state"]
+    if ts["epoch"] >= cfg.epochs:
+        print(f"resuming from {last}: its run is finished, nothing left to train")
+    else:
+        print(f"resuming from {last} at epoch {ts['epoch'] + 1}, update {ts['updates']}")
     return True
 
 
@@ -80,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     resume = ap.add_mutually_exclusive_group()
     resume.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/last.pt exists")
     resume.add_argument("--restart-if-changed", action="store_true",
-                        help="start afresh when <out>/last.pt was made with other settings (default: refuse)")
+                        help="start afresh when <out>/last.pt was made with other settings or code (default: refuse other settings)")
     args = ap.parse_args(argv)
 
     with user_errors():
@@ -98,8 +107,11 @@ def main(argv: list[str] | None = None) -> None:
         for name, demos in (("--train", train_demos), ("--val", val_demos)):
             if demos.manifest["level"] != level:
                 raise UserError(f"{name} holds {demos.manifest['level']} demos, but {args.params} demos.level is {level}")
+        code = code_digest(__file__)
         resume = not args.no_resume and can_resume(Path(args.out) / "last.pt", model_cfg, cfg, train_demos,
-                                                   args.restart_if_changed)  # fmt: skip
+                                                   args.restart_if_changed, code)  # fmt: skip
+        if rank == 0:
+            record_digest(args.out, code)
         metrics = run(args, model_cfg, cfg, c.demos, c.evaluate, train_demos, val_demos, resume, rank)
     if world > 1:
         dist.destroy_process_group()
