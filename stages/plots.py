@@ -21,8 +21,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports/figures", help="folder for the PNG files")
     args = parser.parse_args(argv)
 
-    with user_errors():
-        _, c = load_configs(args.params, plots=PlotsConfig)
     histories = {}
     for item in args.history:
         agent, sep, path = item.partition("=")
@@ -30,9 +28,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--history {item!r}: expected AGENT=CSV, e.g. tc=reports/plots/train_tc.csv")
         histories[agent] = path
 
-    for name, path in write_figures(histories, args.ood, args.out, dpi=c.plots.dpi).items():
+    with user_errors():  # bad params, a malformed history CSV or ood.json: one line
+        _, c = load_configs(args.params, plots=PlotsConfig)
+        paths = write_figures(histories, args.ood, args.out, dpi=c.plots.dpi)
+    for name, path in paths.items():
         print(f"{name}: {path}")
-
 
 if __name__ == "__main__":
     main()

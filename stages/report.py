@@ -22,9 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     # No section is required: the report notes what a config lacks.
-    with user_errors():
-        params = load_params(args.params)
-    write_text_atomic(args.out, build_report(params, args.metrics, args.plots))
+    with user_errors():  # a malformed history CSV or ood.json: one line
+        write_text_atomic(args.out, build_report(load_params(args.params), args.metrics, args.plots))
     print(f"report: {args.out}")
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tc import vocab
 from tc.device import pick_device
 from tc.envs import ACTION_NAMES, Actions, check_env_id, make_env, reset_quiet
-from tc.model import load_agent
+from tc.model import CheckpointError, load_agent
 from tc.params import check_fields, param
 from tc.thoughts import ThoughtBot
 
@@ -140,7 +140,7 @@ def load_agent_for(path, mode: str, device: torch.device | str = "cpu"):
     try:
         check_mode(agent, mode)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise CheckpointError(f"{path}: {err}") from None
     return agent
 
 

@@ -13,6 +13,8 @@ import io
 import math
 from pathlib import Path
 
+from tc.params import FileFormatError
+
 REQUIRED_COLUMNS = ("frames", "epoch", "val_success")
 # Written columns, in order; some take another name than tc.train's history keys (RENAMED).
 COLUMNS = ["epoch", "frames", "updates", "lr", "tf_ratio", "loss", "val_success", "action_acc", "thought_acc",
@@ -42,9 +44,9 @@ def load_history(path: str | Path) -> dict[str, list[float]]:
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: history CSV lacks columns {missing} (expected {list(REQUIRED_COLUMNS)})")
+            raise FileFormatError(f"{path}: history CSV lacks columns {missing} (expected {list(REQUIRED_COLUMNS)})")
         rows = list(reader)
     try:
         return {c: [_number(r[c] or "") for r in rows] for c in reader.fieldnames}
     except ValueError as e:
-        raise ValueError(f"{path}: non-numeric cell in history CSV ({e})") from None
+        raise FileFormatError(f"{path}: non-numeric cell in history CSV ({e})") from None

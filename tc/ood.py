@@ -34,7 +34,7 @@ from minigrid.utils.baby_ai_bot import BabyAIBot
 from tqdm import tqdm
 
 from tc.envs import check_env_id, make_env, reset_quiet
-from tc.params import check_fields, param
+from tc.params import FileFormatError, check_fields, param
 
 AXES = ("behavioural", "cognitive")
 
@@ -191,8 +191,11 @@ def load_level_sets(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"OOD level sets {path} not found; run `dvc repro make_ood_levels` first")
-    sets = json.loads(path.read_text())
-    missing = [k for k in ("env_id", *AXES) if k not in sets]
+    try:
+        sets = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{path}: not valid JSON ({err})") from None
+    missing = [k for k in ("env_id", *AXES) if not isinstance(sets, dict) or k not in sets]
     if missing:
-        raise ValueError(f"{path}: not an OOD level-set file (missing keys {missing})")
+        raise FileFormatError(f"{path}: not an OOD level-set file (missing keys {missing})")
     return sets

@@ -40,6 +40,10 @@ class ConfigError(UserError, ValueError):
     """A params value of the wrong type or out of range, an unknown or a missing key."""
 
 
+class FileFormatError(UserError, ValueError):
+    """A file a stage reads (JSON, CSV) that does not have the expected content."""
+
+
 def param(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, speed: bool = False,
           thoughts: bool = False, in_params: bool = True) -> Any:  # fmt: skip
     """A config field with its allowed values.

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tc.history import load_history  # noqa: E402
 from tc.io import atomic_path  # noqa: E402
-from tc.params import check_fields, param  # noqa: E402
+from tc.params import FileFormatError, check_fields, param  # noqa: E402
 
 CURVE_PANELS = {"loss": "loss", "action_acc": "action accuracy", "thought_acc": "thought accuracy"}
 OOD_AXES = ("behavioural", "cognitive")
@@ -51,10 +51,13 @@ def load_ood(path: str | Path) -> dict[str, dict[str, dict[str, dict]]]:
     "tc", "bc" or "oracle" (any may be absent); success_rate is a fraction, null when the
     bin got no episode; further keys (e.g. the rest of ``tc.evaluate.summarize``) are allowed.
     """
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{path}: not valid JSON ({err})") from None
 
-    def bad(where: str, what: str) -> ValueError:
-        return ValueError(f"{path}: {where}: {what} (schema in docs/ARCHITECTURE.md)")
+    def bad(where: str, what: str) -> FileFormatError:
+        return FileFormatError(f"{path}: {where}: {what} (schema in docs/ARCHITECTURE.md)")
 
     if not isinstance(data, dict) or not set(data) <= set(OOD_AXES):
         raise bad("top level", f"expected an object with keys among {OOD_AXES}")

@@ -15,7 +15,7 @@ from typing import Any
 
 from tc.history import load_history
 from tc.plots import FIGURES, load_ood
-from tc.params import flatten
+from tc.params import FileFormatError, flatten
 
 AGENTS = ("tc", "bc")
 
@@ -76,15 +76,15 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def load_json(path: Path) -> dict | None:
-    """A JSON object, None when the file is absent; ValueError names a malformed file."""
+    """A JSON object, None when the file is absent; FileFormatError names a malformed file."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise FileFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
+        raise FileFormatError(f"{path}: expected a JSON object at the top level")
     return data
 
 

@@ -152,3 +152,22 @@ def test_run_name_carries_the_dvc_experiment(store, monkeypatch):
     with tracking.start_run("train-tc sg_coef=1", {}) as run:
         pass
     assert mlflow.get_run(run.info.run_id).data.tags["mlflow.runName"] == "train-tc sg_coef=1 [sg-sweep-1]"
+
+
+def test_stages_name_a_wrong_or_malformed_input_file(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    tiny = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16, "attn_heads": 2}
+    save_checkpoint(tmp_path / "bc.pt", Agent(ModelConfig(**tiny, use_thoughts=False)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    with pytest.raises(SystemExit) as exit_info:  # the BC checkpoint given as TC's
+        stage("evaluate").main(["--tc", "bc.pt", "--bc", "bc.pt"])
+    one_line_error(capsys, exit_info, "bc.pt: mode 'tc' needs a Thought Cloning agent")
+    (tmp_path / "levels.json").write_text("{not json")
+    with pytest.raises(SystemExit) as exit_info:
+        stage("evaluate_ood").main(["--levels", "levels.json", "--tc", "bc.pt", "--bc", "bc.pt"])
+    one_line_error(capsys, exit_info, "levels.json: not valid JSON")
+    (tmp_path / "train_tc.csv").write_text("epoch,frames\n1,100\n")
+    with pytest.raises(SystemExit) as exit_info:
+        stage("plots").main(["--history", "tc=train_tc.csv", "--out", "figures"])
+    one_line_error(capsys, exit_info, "train_tc.csv: history CSV lacks columns ['val_success']")
