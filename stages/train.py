@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     resume = ap.add_mutually_exclusive_group()
     resume.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/last.pt exists")
     resume.add_argument("--restart-if-changed", action="store_true",
-                        help="start afresh when <out>/last.pt was made with other settings or code (default: refuse other settings)")
+                        help="start afresh when <out>/last.pt was made with other settings or code "
+                             "(default: refuse other settings)")
     args = ap.parse_args(argv)
 
     with user_errors():
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         train_demos, val_demos = load_demos(args.train), load_demos(args.val)
         for name, demos in (("--train", train_demos), ("--val", val_demos)):
             if demos.manifest["level"] != level:
-                raise UserError(f"{name} holds {demos.manifest['level']} demos, but {args.params} demos.level is {level}")
+                raise UserError(f"{name} holds {demos.manifest['level']} demos, but {args.params} demos.level "
+                                f"is {level}")
         code = code_digest(__file__)
         resume = not args.no_resume and can_resume(Path(args.out) / "last.pt", model_cfg, cfg, train_demos,
                                                    args.restart_if_changed, code)  # fmt: skip

@@ -111,7 +111,8 @@ def _in_range(value, meta: Mapping) -> bool:
     if meta.get("choices") is not None and value not in meta["choices"]:
         return False
     items = value if isinstance(value, list) else [value]
-    bounds = (("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("le", lambda v, b: v <= b), ("lt", lambda v, b: v < b))
+    bounds = (("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("le", lambda v, b: v <= b),
+              ("lt", lambda v, b: v < b))
     return all(meta.get(k) is None or ok(v, meta[k]) for v in items for k, ok in bounds)
 
 

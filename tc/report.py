@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tc.history import load_history
-from tc.plots import FIGURES, load_ood
 from tc.params import FileFormatError, flatten
+from tc.plots import FIGURES, load_ood
 
 AGENTS = ("tc", "bc")
 

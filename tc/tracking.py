@@ -77,7 +77,8 @@ def check_tracking(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
             raise TrackingUnavailableError(f"MLflow SQLite store folder {db.parent} is missing or not writable {hint}")
         if db.exists() and not os.access(db, os.W_OK):
-            raise TrackingUnavailableError(f"MLflow SQLite store {db} is read-only {hint}: make it writable (chmod u+w)")
+            raise TrackingUnavailableError(f"MLflow SQLite store {db} is read-only {hint}: make it writable "
+                                           f"(chmod u+w)")
 
 
 def git_revision(cwd: Path | None = None) -> str:

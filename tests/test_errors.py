@@ -1,6 +1,5 @@
 """User errors outside params.yaml (files, flags, input, the tracking store): one line, no traceback."""
 
-import importlib.util
 import io
 import os
 import signal
@@ -30,13 +29,6 @@ def demos_dir(tmp_path_factory):
     return out
 
 
-def stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def one_line_error(capsys, exit_info, *fragments: str) -> str:
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
@@ -44,7 +36,7 @@ def one_line_error(capsys, exit_info, *fragments: str) -> str:
     return err
 
 
-def test_corrupt_resume_checkpoint_names_the_file_and_the_way_out(tmp_path, monkeypatch, capsys, demos_dir):
+def test_corrupt_resume_checkpoint_names_the_file_and_the_way_out(tmp_path, monkeypatch, capsys, stage_main, demos_dir):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["demos"]["level"] = LEVEL
     params["model"] = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16, "attn_heads": 2}
@@ -53,9 +45,10 @@ def test_corrupt_resume_checkpoint_names_the_file_and_the_way_out(tmp_path, monk
     (tmp_path / "models/tc/last.pt").write_bytes(b"PK\x03\x04 cut short")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        stage("train").main(["--agent", "tc", "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/tc",
+        stage_main("train")(["--agent", "tc", "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/tc",
                              "--metrics", "m.json", "--history", "h.csv"])  # fmt: skip
-    err = one_line_error(capsys, exit_info, "models/tc/last.pt is not a readable agent checkpoint", "delete it or pass --no-resume")
+    err = one_line_error(capsys, exit_info, "models/tc/last.pt is not a readable agent checkpoint",
+                         "delete it or pass --no-resume")
     assert "weights_only" not in err  # torch's advice would run the file's code
 
 
@@ -79,11 +72,11 @@ def test_truncated_shard_in_tc_show(tmp_path, capsys, demos_dir):
         (["--merge"], "has no config.json, so no shard was generated there"),
     ],
 )
-def test_generate_demos_flags(tmp_path, monkeypatch, capsys, argv, message):
+def test_generate_demos_flags(tmp_path, monkeypatch, capsys, stage_main, argv, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     with pytest.raises(SystemExit) as exit_info:
-        stage("generate_demos").main(argv)
+        stage_main("generate_demos")(argv)
     one_line_error(capsys, exit_info, message)
     assert not (tmp_path / "data").exists()
 
@@ -154,20 +147,20 @@ def test_run_name_carries_the_dvc_experiment(store, monkeypatch):
     assert mlflow.get_run(run.info.run_id).data.tags["mlflow.runName"] == "train-tc sg_coef=1 [sg-sweep-1]"
 
 
-def test_stages_name_a_wrong_or_malformed_input_file(tmp_path, monkeypatch, capsys):
+def test_stages_name_a_wrong_or_malformed_input_file(tmp_path, monkeypatch, capsys, stage_main):
     torch.manual_seed(0)
     tiny = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16, "attn_heads": 2}
     save_checkpoint(tmp_path / "bc.pt", Agent(ModelConfig(**tiny, use_thoughts=False)))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     with pytest.raises(SystemExit) as exit_info:  # the BC checkpoint given as TC's
-        stage("evaluate").main(["--tc", "bc.pt", "--bc", "bc.pt"])
+        stage_main("evaluate")(["--tc", "bc.pt", "--bc", "bc.pt"])
     one_line_error(capsys, exit_info, "bc.pt: mode 'tc' needs a Thought Cloning agent")
     (tmp_path / "levels.json").write_text("{not json")
     with pytest.raises(SystemExit) as exit_info:
-        stage("evaluate_ood").main(["--levels", "levels.json", "--tc", "bc.pt", "--bc", "bc.pt"])
+        stage_main("evaluate_ood")(["--levels", "levels.json", "--tc", "bc.pt", "--bc", "bc.pt"])
     one_line_error(capsys, exit_info, "levels.json: not valid JSON")
     (tmp_path / "train_tc.csv").write_text("epoch,frames\n1,100\n")
     with pytest.raises(SystemExit) as exit_info:
-        stage("plots").main(["--history", "tc=train_tc.csv", "--out", "figures"])
+        stage_main("plots")(["--history", "tc=train_tc.csv", "--out", "figures"])
     one_line_error(capsys, exit_info, "train_tc.csv: history CSV lacks columns ['val_success']")

@@ -1,7 +1,6 @@
 """Typed params: one source of defaults, and every stage refusing bad settings in one line before any work."""
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -66,13 +65,6 @@ def test_numbers_are_normalised():
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.lr_halve_epoch is None
 
 
-def load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 TRAIN_ARGS = ["--agent", "tc", "--out", "models/tc", "--metrics", "m.json", "--history", "h.csv"]
 
 
@@ -100,14 +92,15 @@ STAGE_CASES = [
 
 
 @pytest.mark.parametrize("stage, args, key, value, message", STAGE_CASES)
-def test_stages_refuse_bad_params_before_any_work(tmp_path, monkeypatch, capsys, stage, args, key, value, message):
+def test_stages_refuse_bad_params_before_any_work(tmp_path, monkeypatch, capsys, stage_main, stage, args, key, value,
+                                                  message):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     section, name = key.split(".")
     params[section][name] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)  # outputs, if any were written, would land here
     with pytest.raises(SystemExit) as exit_:
-        load_stage(stage).main(["--params", "params.yaml", *args])
+        stage_main(stage)(["--params", "params.yaml", *args])
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.count("\n") == 1 and err.startswith("error: params.yaml: "), err
     assert message in err

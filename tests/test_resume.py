@@ -1,7 +1,6 @@
 """Persisted outputs under DVC: the stages resume what the same settings and code made, and start
 afresh (with --restart-if-changed, as dvc.yaml runs them) over what other settings or code made."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 LEVEL = "BabyAI-GoToObj-v0"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -41,8 +33,8 @@ def set_param(root: Path, section: str, key: str, value) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def test_generation_restarts_over_other_settings_or_code(workdir, capsys):
-    generate = stage("generate_demos").main
+def test_generation_restarts_over_other_settings_or_code(workdir, capsys, stage_main):
+    generate = stage_main("generate_demos")
     generate(["--restart-if-changed"])
     generate(["--restart-if-changed"])  # same settings and code: every shard is kept
     assert "afresh" not in capsys.readouterr().out
@@ -61,9 +53,9 @@ def test_generation_restarts_over_other_settings_or_code(workdir, capsys):
     assert list(load_demos(workdir / "data/demos/train").seeds) == [7, 8, 9]
 
 
-def test_training_resumes_or_restarts(workdir, capsys):
-    stage("generate_demos").main([])
-    train = stage("train").main
+def test_training_resumes_or_restarts(workdir, capsys, stage_main):
+    stage_main("generate_demos")([])
+    train = stage_main("train")
     args = ["--agent", "bc", "--out", "models/bc", "--metrics", "m.json", "--history", "h.csv"]
     train(args)
     capsys.readouterr()
