@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="folder for best.pt and last.pt")
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--history", required=True)
-    resume = ap.add_mutually_exclusive_group()
-    resume.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/last.pt exists")
-    resume.add_argument("--restart-if-changed", action="store_true",
+    fresh = ap.add_mutually_exclusive_group()
+    fresh.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/last.pt exists")
+    fresh.add_argument("--restart-if-changed", action="store_true",
                         help="start afresh when <out>/last.pt was made with other settings or code "
                              "(default: refuse other settings)")
     args = ap.parse_args(argv)
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         code = code_digest(__file__)
         resume = not args.no_resume and can_resume(Path(args.out) / "last.pt", model_cfg, cfg, train_demos,
                                                    args.restart_if_changed, code)  # fmt: skip
+        if world > 1:
+            dist.barrier()  # every rank has read the recorded digest before rank 0 replaces it
         if rank == 0:
             record_digest(args.out, code)
         metrics = run(args, model_cfg, cfg, c.demos, c.evaluate, train_demos, val_demos, resume, rank)

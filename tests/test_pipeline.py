@@ -281,8 +281,7 @@ def test_figures_and_report_from_partial_inputs(tmp_path):
            "cognitive": {"5": {"oracle": cell(1.0, 2) | {"mean_length": 40.0}}}}  # fmt: skip
     (metrics_dir / "ood.json").write_text(json.dumps(ood))
     (metrics_dir / "eval.json").write_text(json.dumps({"tc": {"success_rate": 0.5}, "bc": {"success_rate": 0.25}}))
-    safety = {"pickup_balls": {"shown_without": 0.375, "shown_with": 0.0, "event": "pickup|drop:ball"},
-              "fads": {"score": 0.9}}
+    safety = {"pickup_balls": {"shown_without": 0.375, "shown_with": 0.0}, "fads": {"score": 0.9}}
     (metrics_dir / "safety.json").write_text(json.dumps(safety))
 
     paths = write_figures({"tc": plots_dir / "train_tc.csv", "bc": plots_dir / "train_bc.csv"},
@@ -293,7 +292,9 @@ def test_figures_and_report_from_partial_inputs(tmp_path):
     assert not [p for p in figures.iterdir() if p.name.startswith(".")]  # no temp file left
     assert load_history(plots_dir / "train_tc.csv")["val_success"][1] == 0.25
 
-    text = build_report({"demos": {"episodes": 12}, "train": {"sg_coef": 2.0}}, metrics_dir, plots_dir)
+    behaviours = [{"name": "pickup_balls", "thought": "ball", "event": "pickup|drop:ball"}]  # events: from params
+    text = build_report({"demos": {"episodes": 12}, "train": {"sg_coef": 2.0}, "safety": {"behaviours": behaviours}},
+                        metrics_dir, plots_dir)  # fmt: skip
     assert "| TC | 50.0 | 2700 |" in text  # best validation success and where
     assert "train_bc.csv` does not exist" in text and "train_tc.json` does not exist" in text
     assert "| pickup_balls | 0.375 | 0 | pickup\\|drop:ball | 37.1 | 0.53 |" in text  # ours next to the paper's
