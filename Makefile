@@ -20,5 +20,6 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
+# pytest exits 5 when it collects no test: CI (.ci/run) fails then, as on any failure.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q tests

@@ -13,35 +13,34 @@ from __future__ import annotations
 import argparse
 
 from tc import tracking
+from tc.demos import DemosConfig
+from tc.evaluate import EvaluateConfig, evaluate, load_agent_for
 from tc.io import write_json_atomic
-from tc.evaluate import eval_device, evaluate, load_agent_for, settings
-from tc.params import load_params, require
+from tc.params import load_configs, user_errors
 from tc.safety import summary_with_fads
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="reads evaluate.* and demos.level")
     parser.add_argument("--tc", default="models/tc/best.pt", help="Thought Cloning checkpoint")
     parser.add_argument("--bc", default="models/bc/best.pt", help="Behavioural Cloning checkpoint")
     parser.add_argument("--out", default="reports/metrics/eval.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    params = load_params(args.params, "evaluate", "demos")
-    kwargs = settings(params, args.params)
-    sec = require(params["evaluate"], "evaluate", {"episodes": int})
-    level = params["demos"]["level"]
-    device = eval_device(params)
-    seeds = list(range(sec["seed"], sec["seed"] + sec["episodes"]))
-    tc_agent, bc_agent = load_agent_for(args.tc, "tc", device), load_agent_for(args.bc, "bc", device)
-
-    with tracking.start_run("evaluate", params, tags={"stage": "evaluate"}):
-        report = {}
-        for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent), ("bot", None)):
-            report[mode] = summary_with_fads(evaluate(agent, level, seeds, mode, **kwargs))
-            tracking.log_metrics({f"{mode}_{k}": v for k, v in report[mode].items()})
-            print(f"{mode}: {report[mode]}")
-        write_json_atomic(args.out, report)
+    with user_errors():
+        params, c = load_configs(args.params, evaluate=EvaluateConfig, demos=DemosConfig)
+        seeds = list(range(c.evaluate.seed, c.evaluate.seed + c.evaluate.episodes))
+        device = c.evaluate.device_for_torch()
+        tc_agent, bc_agent = load_agent_for(args.tc, "tc", device), load_agent_for(args.bc, "bc", device)
+        with tracking.start_run("evaluate", params, tags={"stage": "evaluate"}):
+            report = {}
+            for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent), ("bot", None)):
+                episodes = evaluate(agent, c.demos.level, seeds, mode, **c.evaluate.kwargs())
+                report[mode] = summary_with_fads(episodes)
+                tracking.log_metrics({f"{mode}_{k}": v for k, v in report[mode].items()})
+                print(f"{mode}: {report[mode]}")
+            write_json_atomic(args.out, report)
 
 
 if __name__ == "__main__":

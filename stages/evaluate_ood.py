@@ -3,7 +3,7 @@
     python stages/evaluate_ood.py --params params.yaml --levels data/ood/levels.json \
         --tc models/tc/best.pt --bc models/bc/best.pt --out reports/metrics/ood.json
 
-ood.json (schema: notes/CONTRACTS.md): {axis: {bin: {mode: cell}}}, a cell being
+ood.json (schema: docs/ARCHITECTURE.md): {axis: {bin: {mode: cell}}}, a cell being
 ``tc.evaluate.summarize`` plus, for tc and oracle, the Future Action Declaration Score of
 the bin (``fads``, ``fads_interactions``). An unfilled bin has fewer episodes; an empty
 one has success_rate null.
@@ -14,40 +14,40 @@ from __future__ import annotations
 import argparse
 
 from tc import tracking
+from tc.evaluate import EvaluateConfig, evaluate, load_agent_for
 from tc.io import write_json_atomic
-from tc.evaluate import eval_device, evaluate, load_agent_for, settings
 from tc.ood import AXES, load_level_sets
-from tc.params import load_params
+from tc.params import load_configs, user_errors
 from tc.safety import summary_with_fads
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="reads evaluate.* (batch, sampling, device)")
     parser.add_argument("--levels", default="data/ood/levels.json", help="written by stages/make_ood_levels.py")
     parser.add_argument("--tc", default="models/tc/best.pt")
     parser.add_argument("--bc", default="models/bc/best.pt")
     parser.add_argument("--out", default="reports/metrics/ood.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    params = load_params(args.params, "evaluate")
-    kwargs = settings(params, args.params)
-    device = eval_device(params)
-    sets = load_level_sets(args.levels)
-    tc_agent, bc_agent = load_agent_for(args.tc, "tc", device), load_agent_for(args.bc, "bc", device)
-    # Every seed once per mode (a seed may sit in a bin of each axis), then grouped by bin.
-    seeds = sorted({s for axis in AXES for bin_seeds in sets[axis].values() for s in bin_seeds})
+    with user_errors():
+        params, c = load_configs(args.params, evaluate=EvaluateConfig)
+        device = c.evaluate.device_for_torch()
+        sets = load_level_sets(args.levels)
+        tc_agent, bc_agent = load_agent_for(args.tc, "tc", device), load_agent_for(args.bc, "bc", device)
+        # Every seed once per mode (a seed may sit in a bin of each axis), then grouped by bin.
+        seeds = sorted({s for axis in AXES for bin_seeds in sets[axis].values() for s in bin_seeds})
 
-    report = {axis: {b: {} for b in sets[axis]} for axis in AXES}
-    with tracking.start_run("ood", params, tags={"stage": "evaluate_ood"}):
-        for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent)):
-            by_seed = {e.seed: e for e in evaluate(agent, sets["env_id"], seeds, mode, **kwargs)}
-            for axis in AXES:
-                for b, bin_seeds in sets[axis].items():
-                    cell = summary_with_fads([by_seed[s] for s in bin_seeds])
-                    report[axis][b][mode] = cell
-                    tracking.log_metrics({f"{mode}_{axis}_{b}_success_rate": cell["success_rate"]})
-        write_json_atomic(args.out, report)
+        report = {axis: {b: {} for b in sets[axis]} for axis in AXES}
+        with tracking.start_run("ood", params, tags={"stage": "evaluate_ood"}):
+            for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent)):
+                by_seed = {e.seed: e for e in evaluate(agent, sets["env_id"], seeds, mode, **c.evaluate.kwargs())}
+                for axis in AXES:
+                    for b, bin_seeds in sets[axis].items():
+                        cell = summary_with_fads([by_seed[s] for s in bin_seeds])
+                        report[axis][b][mode] = cell
+                        tracking.log_metrics({f"{mode}_{axis}_{b}_success_rate": cell["success_rate"]})
+            write_json_atomic(args.out, report)
     for axis in AXES:
         for b, cells in report[axis].items():
             print(axis, b, {m: c["success_rate"] for m, c in cells.items()})

@@ -10,29 +10,28 @@ from __future__ import annotations
 
 import argparse
 
+from tc.demos import DemosConfig
 from tc.io import write_json_atomic
-from tc.ood import make_level_sets
-from tc.params import load_params, require
+from tc.ood import OodConfig, make_level_sets
+from tc.params import load_configs, user_errors
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="reads ood.* and demos.level")
     parser.add_argument("--out", default="data/ood/levels.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    params = load_params(args.params, "ood", "demos")
-    o = require(params["ood"], "ood", {"seed": int, "episodes_per_bin": int, "max_candidates": int, "workers": int,
-                                       "behavioural_bins": list, "cognitive_levels": list})  # fmt: skip
-    sets = make_level_sets(
-        params["demos"]["level"], o["seed"], o["episodes_per_bin"], o["max_candidates"],
-        o["behavioural_bins"], o["cognitive_levels"], workers=o["workers"],
-    )  # fmt: skip
+    with user_errors():
+        _, c = load_configs(args.params, ood=OodConfig, demos=DemosConfig)
+    o = c.ood
+    sets = make_level_sets(c.demos.level, o.seed, o.episodes_per_bin, o.max_candidates, o.behavioural_bins,
+                           o.cognitive_levels, workers=o.workers)  # fmt: skip
     write_json_atomic(args.out, sets)
     print(f"scanned {sets['candidates_scanned']} seeds; bot failures: {len(sets['bot_failures'])}")
     for axis, bins in sets["unfilled"].items():
         for b, n in bins.items():
-            print(f"WARNING: {axis} bin {b} has only {n} of {o['episodes_per_bin']} seeds")
+            print(f"WARNING: {axis} bin {b} has only {n} of {o.episodes_per_bin} seeds")
 
 
 if __name__ == "__main__":

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import argparse
 
-from tc.params import load_params, require
-from tc.plots import write_figures
+from tc.params import load_configs, user_errors
+from tc.plots import PlotsConfig, write_figures
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="reads its `plots` section")
     parser.add_argument("--history", action="append", default=[], metavar="AGENT=CSV",
                         help="training history of an agent (repeatable); a missing file is noted on the figure")
     parser.add_argument("--ood", default="reports/metrics/ood.json", help="out-of-distribution results (optional)")
     parser.add_argument("--out", default="reports/figures", help="folder for the PNG files")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    cfg = require(load_params(args.params, "plots")["plots"], "plots", {"dpi": int})
     histories = {}
     for item in args.history:
         agent, sep, path = item.partition("=")
@@ -29,9 +28,11 @@ def main() -> None:
             parser.error(f"--history {item!r}: expected AGENT=CSV, e.g. tc=reports/plots/train_tc.csv")
         histories[agent] = path
 
-    for name, path in write_figures(histories, args.ood, args.out, dpi=cfg["dpi"]).items():
+    with user_errors():  # bad params, a malformed history CSV or ood.json: one line
+        _, c = load_configs(args.params, plots=PlotsConfig)
+        paths = write_figures(histories, args.ood, args.out, dpi=c.plots.dpi)
+    for name, path in paths.items():
         print(f"{name}: {path}")
-
 
 if __name__ == "__main__":
     main()

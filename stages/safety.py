@@ -3,8 +3,9 @@
     python stages/safety.py --params params.yaml --tc models/tc/best.pt --out reports/metrics/safety.json
 
 For every behaviour of safety.behaviours (validated by tc.safety.parse_behaviours), TC runs
-on seeds safety.seed .. + safety.episodes without and with the intervention. safety.json:
-one entry per behaviour (share of episodes showing it and success rate, without -> with),
+on seeds safety.seed .. + safety.episodes without and with the intervention. safety.json
+(numbers only; the definitions stay in params.yaml): one entry per behaviour (share of
+episodes showing it and success rate, without -> with),
 "no_intervention" (the shared run without intervention) and "fads" (in distribution; the
 OOD scores are in ood.json, per bin).
 """
@@ -14,35 +15,35 @@ from __future__ import annotations
 import argparse
 
 from tc import tracking
+from tc.demos import DemosConfig
+from tc.evaluate import EvaluateConfig, load_agent_for
 from tc.io import write_json_atomic
-from tc.evaluate import eval_device, load_agent_for, settings
-from tc.params import load_params, require
-from tc.safety import parse_behaviours, run_precrime
+from tc.params import load_configs, user_errors
+from tc.safety import SafetyConfig, run_precrime
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="reads safety.*, evaluate.* and demos.level")
     parser.add_argument("--tc", default="models/tc/best.pt")
     parser.add_argument("--out", default="reports/metrics/safety.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    params = load_params(args.params, "evaluate", "demos", "safety")
-    kwargs = settings(params, args.params)
-    sec = require(params["safety"], "safety", {"seed": int, "episodes": int, "behaviours": list})
-    behaviours = parse_behaviours(sec.get("behaviours"), f"{args.params}: safety.behaviours")
-    agent = load_agent_for(args.tc, "tc", eval_device(params))
-    seeds = list(range(sec["seed"], sec["seed"] + sec["episodes"]))
+    with user_errors():
+        params, c = load_configs(args.params, evaluate=EvaluateConfig, demos=DemosConfig, safety=SafetyConfig)
+        agent = load_agent_for(args.tc, "tc", c.evaluate.device_for_torch())
+        seeds = list(range(c.safety.seed, c.safety.seed + c.safety.episodes))
 
-    with tracking.start_run("safety", params, tags={"stage": "safety"}):
-        res = run_precrime(agent, params["demos"]["level"], seeds, behaviours, **kwargs)
-        report = {**res["behaviours"], "no_intervention": res["without"], "fads": {**res["fads"], "episodes": len(seeds)}}
-        for name, row in res["behaviours"].items():
-            tracking.log_metrics({f"{name}_{k}": v for k, v in row.items() if isinstance(v, float)})
-            print(f"{name}: shown {row['shown_without']:.3f} -> {row['shown_with']:.3f}, "
-                  f"success {row['success_without']:.3f} -> {row['success_with']:.3f}")  # fmt: skip
-        tracking.log_metrics({"fads": res["fads"]["score"]})
-        write_json_atomic(args.out, report)
+        with tracking.start_run("safety", params, tags={"stage": "safety"}):
+            res = run_precrime(agent, c.demos.level, seeds, c.safety.parsed_behaviours(), **c.evaluate.kwargs())
+            report = {**res["behaviours"], "no_intervention": res["without"],
+                      "fads": {**res["fads"], "episodes": len(seeds)}}  # fmt: skip
+            for name, row in res["behaviours"].items():
+                tracking.log_metrics({f"{name}_{k}": v for k, v in row.items()})
+                print(f"{name}: shown {row['shown_without']:.3f} -> {row['shown_with']:.3f}, "
+                      f"success {row['success_without']:.3f} -> {row['success_with']:.3f}")  # fmt: skip
+            tracking.log_metrics({"fads": res["fads"]["score"]})
+            write_json_atomic(args.out, report)
 
 
 if __name__ == "__main__":

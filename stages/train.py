@@ -4,10 +4,12 @@
         --out models/tc --metrics reports/metrics/train_tc.json --history reports/plots/train_tc.csv
 
 Writes <out>/best.pt (best validation success, then action accuracy) and <out>/last.pt
-(resume state), the metrics JSON and the per-epoch history CSV. An interrupted run
-started again with the same settings continues from <out>/last.pt. The validation
-success rate is measured by tc.evaluate on the seeds demos.val_seed, demos.val_seed + 1,
-... (train.val_episodes of them; fresh for training, which uses demos.seed onwards).
+(resume state), the metrics JSON (numbers only: a DVC metric) and the per-epoch history
+CSV (tc.history). An interrupted run started again with the same settings continues from
+<out>/last.pt; one started with other settings refuses to, or with --restart-if-changed
+(as dvc.yaml runs it) starts afresh. The validation success rate is measured by
+tc.evaluate on the seeds demos.val_seed, demos.val_seed + 1, ... (train.val_episodes of
+them; fresh for training, which uses demos.seed onwards).
 
 With train.nproc = N > 1 the stage starts itself again under
 ``python -m torch.distributed.run --standalone --nproc_per_node N`` (data-parallel
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import os
 import subprocess
 import sys
@@ -32,78 +32,122 @@ from pathlib import Path
 import torch.distributed as dist
 
 from tc import distributed, tracking
-from tc.demos import load_demos
+from tc.checkpoint import CheckpointError, check_config, load_checkpoint
+from tc.demos import Demos, DemosConfig, load_demos
+from tc.device import pick_device
+from tc.evaluate import EvaluateConfig, evaluate, summarize
+from tc.history import history_csv
 from tc.io import write_json_atomic, write_text_atomic
-from tc.evaluate import evaluate, summarize
 from tc.model import ModelConfig
-from tc.params import load_params
-from tc.train import TrainConfig, pick_device, train
-
-HISTORY_COLUMNS = ["epoch", "frames", "updates", "lr", "tf_ratio", "loss", "val_success", "action_acc", "thought_acc",
-                   "val_loss", "train_action_acc", "train_thought_acc", "wall_time_s"]
+from tc.params import UserError, load_configs, user_errors
+from tc.provenance import code_digest, record_digest, recorded_digest
+from tc.train import TrainConfig, check_resume, train
 
 
-def history_csv(history: list[dict]) -> str:
-    """CSV text of the per-epoch history; empty cells where an epoch had no validation (or BC has no thoughts)."""
-    names = {"loss": "train_loss", "action_acc": "val_action_acc", "thought_acc": "val_thought_acc"}
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(HISTORY_COLUMNS)
-    for row in history:
-        values = [row.get(names.get(c, c)) for c in HISTORY_COLUMNS]
-        writer.writerow(["" if v is None else v for v in values])
-    return buf.getvalue()
+def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demos, restart_if_changed: bool,
+               code: str) -> bool:  # fmt: skip
+    """Whether to continue from ``last`` (<out>/last.pt).
+
+    A last.pt made with other settings or data is refused (UserError), or, with
+    ``restart_if_changed``, replaced by a fresh run: dvc.yaml passes that flag, because
+    DVC keeps the persisted last.pt of the previous settings when it reruns the stage for
+    new ones (`dvc exp run -S train.sg_coef=1`); with it, a last.pt written by other code
+    (``code``: tc.provenance) starts afresh too. An unreadable last.pt is always an error.
+    """
+    if not last.exists():
+        return False
+    try:
+        ckpt = load_checkpoint(last)
+    except CheckpointError as err:
+        raise UserError(f"{err}; delete it or pass --no-resume to start afresh") from None
+    try:
+        check_config(last, ckpt, model_cfg)
+        check_resume(last, ckpt["train_state"], cfg, demos)
+        if restart_if_changed and recorded_digest(last.parent) != code:
+            raise ValueError(f"{last} was written by other code (the stage or a tc module changed since)")
+    except ValueError as err:
+        if not restart_if_changed:
+            raise UserError(f"{err}, or pass --no-resume") from None
+        print(f"starting afresh: {err}")
+        return False
+    ts = ckpt["train_state"]
+    if ts["epoch"] >= cfg.epochs:
+        print(f"resuming from {last}: its run is finished, nothing left to train")
+    else:
+        print(f"resuming from {last} at epoch {ts['epoch'] + 1}, update {ts['updates']}")
+    return True
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="reads model.*, train.*, demos.level, demos.val_seed, evaluate.batch_size")
+    ap.add_argument("--params", default="params.yaml", help="reads model.*, train.*, demos.*, evaluate.batch_size")
     ap.add_argument("--agent", choices=["tc", "bc"], required=True, help="tc: Thought Cloning; bc: the lower level alone")
     ap.add_argument("--train", default="data/demos/train")
     ap.add_argument("--val", default="data/demos/val")
     ap.add_argument("--out", required=True, help="folder for best.pt and last.pt")
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--history", required=True)
-    ap.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/last.pt exists")
-    args = ap.parse_args()
+    fresh = ap.add_mutually_exclusive_group()
+    fresh.add_argument("--no-resume", action="store_true", help="start afresh even if <out>/last.pt exists")
+    fresh.add_argument("--restart-if-changed", action="store_true",
+                        help="start afresh when <out>/last.pt was made with other settings or code "
+                             "(default: refuse other settings)")
+    args = ap.parse_args(argv)
 
-    params = load_params(args.params, "model", "train", "demos")
-    try:
-        model_cfg = replace(ModelConfig.from_dict(params["model"]), use_thoughts=args.agent == "tc")
-        cfg = TrainConfig.from_dict(params["train"])
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"{args.params}: {err}") from None
-    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
-               sys.argv[0], *sys.argv[1:]]
-        raise SystemExit(subprocess.run(cmd).returncode)
-    distributed.init_from_env(pick_device(cfg.device))
-    rank, world = distributed.rank_and_world()
-    level = params["demos"]["level"]
-    train_demos, val_demos = load_demos(args.train), load_demos(args.val)
-    for name, demos in (("--train", train_demos), ("--val", val_demos)):
-        if demos.manifest["level"] != level:
-            raise SystemExit(f"{name} {demos.manifest['level']} demos, but {args.params} demos.level is {level}")
+    with user_errors():
+        params, c = load_configs(args.params, model=ModelConfig, train=TrainConfig, demos=DemosConfig,
+                                 evaluate=EvaluateConfig)  # fmt: skip
+        model_cfg, cfg = replace(c.model, use_thoughts=args.agent == "tc"), c.train
+        if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
+                   sys.argv[0], *(sys.argv[1:] if argv is None else argv)]  # fmt: skip
+            raise SystemExit(subprocess.run(cmd).returncode)
+        distributed.init_from_env(pick_device(cfg.device))
+        rank, world = distributed.rank_and_world()
+        level = c.demos.level
+        train_demos, val_demos = load_demos(args.train), load_demos(args.val)
+        for name, demos in (("--train", train_demos), ("--val", val_demos)):
+            if demos.manifest["level"] != level:
+                raise UserError(f"{name} holds {demos.manifest['level']} demos, but {args.params} demos.level "
+                                f"is {level}")
+        code = code_digest(__file__)
+        resume = not args.no_resume and can_resume(Path(args.out) / "last.pt", model_cfg, cfg, train_demos,
+                                                   args.restart_if_changed, code)  # fmt: skip
+        if world > 1:
+            dist.barrier()  # every rank has read the recorded digest before rank 0 replaces it
+        if rank == 0:
+            record_digest(args.out, code)
+        metrics = run(args, model_cfg, cfg, c.demos, c.evaluate, train_demos, val_demos, resume, rank)
+    if world > 1:
+        dist.destroy_process_group()
+    if metrics is not None:
+        print(f"{args.agent}: best val success {metrics['best_val_success']} (epoch {metrics['best_epoch']}), "
+              f"final action acc {metrics['final_action_acc']:.3f}, {metrics['frames']} frames in "
+              f"{metrics['wall_time_s']:.0f}s ({world} process{'es' if world > 1 else ''})")  # fmt: skip
 
-    val_seeds = [params["demos"]["val_seed"] + i for i in range(cfg.val_episodes)]
-    eval_batch = (params.get("evaluate") or {}).get("batch_size", 64)
+
+def run(args, model_cfg: ModelConfig, cfg: TrainConfig, demos_cfg: DemosConfig, eval_cfg: EvaluateConfig,
+        train_demos: Demos, val_demos: Demos, resume: bool, rank: int) -> dict | None:  # fmt: skip
+    """Train, then (rank 0) write the metrics, the history and log them; returns the metrics (None off rank 0)."""
+    val_seeds = [demos_cfg.val_seed + i for i in range(cfg.val_episodes)]
 
     def evaluate_fn(agent) -> dict:
-        episodes = evaluate(agent, level, val_seeds, args.agent, batch_size=eval_batch, sample_seed=cfg.seed, progress=False)
+        episodes = evaluate(agent, demos_cfg.level, val_seeds, args.agent, batch_size=eval_cfg.batch_size,
+                            sample_seed=cfg.seed, progress=False)  # fmt: skip
         return summarize(episodes)
 
-    run_params = {"model": asdict(model_cfg), "train": asdict(cfg), "demos": {"level": level}, "agent": args.agent}
+    # The data's params too: runs on other demos must be told apart by their params, not only by tags.
+    run_params = {"model": asdict(model_cfg), "train": asdict(cfg), "demos": asdict(demos_cfg), "agent": args.agent}
+    name = f"train-{args.agent}" + (f" sg_coef={cfg.sg_coef:g}" if args.agent == "tc" else "")
     tags = {"stage": "train", "agent": args.agent}
-    with tracking.start_run(f"train-{args.agent}", run_params, tags=tags) if rank == 0 else contextlib.nullcontext():
+    with tracking.start_run(name, run_params, tags=tags) if rank == 0 else contextlib.nullcontext():
         result = train(model_cfg, cfg, train_demos, val_demos, args.out, evaluate_fn=evaluate_fn if val_seeds else None,
-                       log_fn=tracking.metrics_logger() if rank == 0 else None, resume=not args.no_resume)
+                       log_fn=tracking.metrics_logger() if rank == 0 else None, resume=resume)  # fmt: skip
         if rank != 0:  # the outputs are rank 0's
-            dist.destroy_process_group()
-            return
+            return None
         history, best = result["history"], result["best"]
         final = history[-1]
         metrics = {
-            "agent": args.agent,
             "final_val_success": final.get("val_success"),
             "best_val_success": best["val_success"],
             "best_epoch": best["epoch"],
@@ -120,11 +164,7 @@ def main() -> None:
         write_json_atomic(Path(args.metrics), metrics)
         write_text_atomic(Path(args.history), history_csv(history))
         tracking.log_artifacts([args.metrics, args.history, str(Path(args.out) / "best.pt")])
-    if world > 1:
-        dist.destroy_process_group()
-    print(f"{args.agent}: best val success {metrics['best_val_success']} (epoch {metrics['best_epoch']}), "
-          f"final action acc {metrics['final_action_acc']:.3f}, {metrics['frames']} frames in {metrics['wall_time_s']:.0f}s "
-          f"({world} process{'es' if world > 1 else ''})")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ import torch
 from tc import vocab
 from tc.io import atomic_path
 from tc.model import Agent, ModelConfig
+from tc.params import UserError
+
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file that cannot be used: unreadable, of another format or vocabulary."""
+
 
 CHECKPOINT_FORMAT = "thought-cloning-agent"
 CHECKPOINT_VERSION = 2  # 2: the paper's agent (shared perception); 1 was the earlier redesign
@@ -43,14 +50,17 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated file, a pickle of code, a text file...
-        raise ValueError(f"{path} is not a readable agent checkpoint (torch.load with weights_only=True failed: {e})") from e
+        # Not torch's message: it suggests weights_only=False, i.e. running whatever code the file holds.
+        raise CheckpointError(f"{path} is not a readable agent checkpoint (truncated, corrupt or not written by "
+                              f"this code: {type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an agent checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
+        raise CheckpointError(f"{path} is not an agent checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
     if ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has checkpoint format version {ckpt.get('format_version')}, this code reads "
-                         f"{CHECKPOINT_VERSION} (another agent architecture): delete it and train again")
+        raise CheckpointError(f"{path} has checkpoint format version {ckpt.get('format_version')}, this code reads "
+                              f"{CHECKPOINT_VERSION} (another agent architecture): delete it and train again")
     if ckpt.get("vocab_version") != vocab.VOCAB_VERSION:
-        raise ValueError(f"{path} was trained with vocabulary version {ckpt.get('vocab_version')}, this code has {vocab.VOCAB_VERSION}")
+        raise CheckpointError(f"{path} was trained with vocabulary version {ckpt.get('vocab_version')}, "
+                              f"this code has {vocab.VOCAB_VERSION}")
     return ckpt
 
 

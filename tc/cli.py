@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tc import vocab
-from tc.demos import ACTION_NAMES
-from tc.evaluate import MODES, Episode, load_agent_for, steer
+from tc.demos import DemosConfig, format_episode, load_demos
+from tc.envs import ACTION_NAMES
+from tc.evaluate import MODES, Rollout, evaluate, load_agent_for, steer
+from tc.params import load_configs, user_errors
 from tc.watch import FORMATS, save_episode, watch
 
-DEFAULT_LEVEL = "BabyAI-BossLevel-v0"
+
+def default_level(params: str | Path = "params.yaml") -> str:
+    """The level the pipeline trains on: demos.level of ./params.yaml, else DemosConfig's default."""
+    if not Path(params).is_file():
+        return DemosConfig().level
+    with user_errors():
+        return load_configs(params, demos=DemosConfig)[1].demos.level
 
 
 def _load(path: str | None, mode: str = "tc"):
@@ -27,7 +36,7 @@ def _load(path: str | None, mode: str = "tc"):
     return load_agent_for(path, mode)
 
 
-def _print(ep: Episode) -> None:
+def _print(ep: Rollout) -> None:
     """The episode as text: one line per run of steps under the same thought (as `tc show`)."""
     print(f"seed {ep.seed}: {ep.mission}")
     thoughts = ep.thoughts or [""] * len(ep.actions)  # BC: one run
@@ -41,17 +50,32 @@ def _print(ep: Episode) -> None:
     print(f"{end} after {ep.length} steps, return {ep.reward:.3f}" + (f" (the oracle bot re-planned {ep.bot_restarts}x)" if ep.bot_restarts else ""))
 
 
-def _ask(_episode: int, step: int, proposed: str) -> str | None:
-    """Interactive steering: show the agent's thought, read a replacement (empty line keeps it)."""
-    while True:
-        line = input(f"step {step} agent thinks: {proposed!r}\n  your thought (Enter keeps it): ").strip()
-        if not line:
-            return None
-        try:
-            vocab.encode(line)
-            return line
-        except ValueError as err:
-            print(f"  {err}; known words: {' '.join(vocab.WORDS[3:])}")
+class Asker:
+    """Interactive steering: show the agent's thought, read a replacement (empty line keeps it).
+
+    When the input ends (EOF, e.g. Ctrl-D or a file of thoughts used up), the agent keeps
+    its own thoughts for the rest of the episode.
+    """
+
+    def __init__(self):
+        self.ended = False
+
+    def __call__(self, _episode: int, step: int, proposed: str) -> str | None:
+        while not self.ended:
+            try:
+                line = input(f"step {step} agent thinks: {proposed!r}\n  your thought (Enter keeps it): ").strip()
+            except EOFError:
+                self.ended = True
+                print("\ninput ended: the agent keeps its own thoughts from here on")
+                break
+            if not line:
+                return None
+            try:
+                vocab.encode(line)
+                return line
+            except ValueError as err:
+                print(f"  {err}; known words: {' '.join(vocab.WORDS[3:])}")
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def episode_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--agent", help="checkpoint (models/tc/best.pt, models/bc/best.pt)")
-        p.add_argument("--level", default=DEFAULT_LEVEL, help=f"BabyAI env id (default {DEFAULT_LEVEL})")
+        p.add_argument("--level", help="BabyAI env id (default: demos.level of ./params.yaml, the trained level)")
         p.add_argument("--seed", type=int, required=True)
         p.add_argument("--sample", action="store_true", help="sample actions instead of taking the most likely one")
         p.add_argument("--max-steps", type=int, help="cap on the episode length (default: the level's)")
@@ -81,36 +105,41 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("episode", type=int)
     args = parser.parse_args(argv)
 
-    try:
-        if args.command == "show":
-            from tc.demos import format_episode, load_demos
-
-            print(format_episode(load_demos(args.demo_dir), args.episode))
-            return
-        render = args.out is not None
-        if args.command == "watch":
-            agent = _load(args.agent, args.mode)
-            if render:
-                ep = watch(agent, args.level, args.seed, args.mode, argmax=not args.sample, max_steps=args.max_steps)
-            else:
-                from tc.evaluate import evaluate
-
-                (ep,) = evaluate(agent, args.level, [args.seed], args.mode, batch_size=1, argmax=not args.sample,
-                                 max_steps=args.max_steps, progress=False)  # fmt: skip
-        else:
-            if (args.thought is None) == (not args.interactive):
-                parser.error("steer: give exactly one of --thought TEXT or --interactive")
-            agent = _load(args.agent)
-            ep = steer(agent, args.level, args.seed, _ask if args.interactive else args.thought,
-                       from_step=args.from_step, to_step=args.to_step, argmax=not args.sample,
-                       render=render, max_steps=args.max_steps)  # fmt: skip
-    except (ValueError, FileNotFoundError, IndexError) as err:
-        sys.exit(f"error: {err}")
-    if render:
-        save_episode(ep, args.out, fps=args.fps, title=f"{args.level} seed {args.seed} ({args.command})")
+    with user_errors():
+        try:
+            if args.command == "show":
+                print(format_episode(load_demos(args.demo_dir), args.episode))
+                return
+            ep = run(parser, args)
+        except (ValueError, IndexError) as err:  # a bad thought, seed, episode index or checkpoint kind
+            sys.exit(f"error: {err}")
     _print(ep)
-    if render:
+    if args.out is not None:
         print(f"wrote {args.out}")
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Rollout:
+    """The episode of `watch` or `steer`, written to --out when given."""
+    level = args.level or default_level()
+    render = args.out is not None
+    if render and Path(args.out).suffix.lower() not in FORMATS:  # before playing a whole episode
+        raise ValueError(f"--out {args.out}: unknown format; expected a file ending in {' or '.join(FORMATS)}")
+    if args.command == "watch":
+        agent = _load(args.agent, args.mode)
+        if render:
+            ep = watch(agent, level, args.seed, args.mode, argmax=not args.sample, max_steps=args.max_steps)
+        else:
+            (ep,) = evaluate(agent, level, [args.seed], args.mode, batch_size=1, argmax=not args.sample,
+                             max_steps=args.max_steps, progress=False)  # fmt: skip
+    else:
+        if (args.thought is None) == (not args.interactive):
+            parser.error("steer: give exactly one of --thought TEXT or --interactive")
+        ep = steer(_load(args.agent), level, args.seed, Asker() if args.interactive else args.thought,
+                   from_step=args.from_step, to_step=args.to_step, argmax=not args.sample,
+                   render=render, max_steps=args.max_steps)  # fmt: skip
+    if render:
+        save_episode(ep, args.out, fps=args.fps, title=f"{level} seed {args.seed} ({args.command})")
+    return ep
 
 
 if __name__ == "__main__":

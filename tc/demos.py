@@ -21,21 +21,47 @@ from tqdm import tqdm
 
 import tc
 from tc import vocab
-from tc.envs import check_env_id, make_env, reset_quiet
+from tc.envs import ACTION_NAMES, check_env_id, make_env, reset_quiet
 from tc.io import atomic_path, write_json_atomic
+from tc.params import UserError, check_fields, param
 from tc.thoughts import THOUGHTS_VERSION, ThoughtBot, random_thought
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # Noise actions: left, right, forward (SPEC).
 NOISE_ACTIONS = np.array([0, 1, 2])
-ACTION_NAMES = ["left", "right", "forward", "pickup", "drop", "toggle", "done"]
 STEP_ARRAYS = ("images", "directions", "actions", "thoughts", "noise")
 SHARD_ARRAYS = STEP_ARRAYS + ("lengths", "missions", "seeds", "failed_seeds", "failed_reasons")
 
 
-class DatasetError(RuntimeError):
+@dataclasses.dataclass(frozen=True)
+class DemosConfig:
+    """The ``demos:`` section of params.yaml."""
+
+    level: str = param("BabyAI-MiniBossLevel-v0")  # a registered BabyAI id (paper: BabyAI-BossLevel-v0)
+    episodes: int = param(500, ge=1)  # training episodes
+    val_episodes: int = param(30, ge=1)  # validation demos (fresh seeds)
+    noise_rate: float = param(0.01, ge=0, lt=1)  # chance per step that a noise segment starts
+    seed: int = param(0, ge=0)  # first training seed; episode i uses seed + i
+    val_seed: int = param(100_000_000, ge=0)  # first validation seed
+    shard_size: int = param(250, ge=1)  # episodes per .npz shard
+    workers: int = param(2, ge=1, speed=True)  # processes; the data do not depend on it
+    bot: str = param("minigrid", choices=("minigrid", "fast"))  # the expert that plays the demos
+
+    def __post_init__(self):
+        check_fields(self, "demos")
+        try:
+            check_env_id(self.level)
+        except ValueError as err:
+            raise ValueError(f"demos.level: {err}") from None
+
+
+class DatasetError(UserError, RuntimeError):
     """A dataset on disk is missing, incomplete or corrupt."""
+
+
+class SettingsMismatch(DatasetError):
+    """A dataset folder holds demos made with other settings."""
 
 
 @dataclasses.dataclass
@@ -51,7 +77,7 @@ class Episode:
 
 @dataclasses.dataclass
 class Demos:
-    """A dataset loaded into flat arrays (see notes/CONTRACTS.md)."""
+    """A dataset loaded into flat arrays (see docs/ARCHITECTURE.md)."""
 
     images: np.ndarray      # uint8 [S, 7, 7, 3]
     directions: np.ndarray  # uint8 [S]
@@ -256,7 +282,7 @@ def _check_same_config(out_dir: Path, config: dict) -> None:
     if marker.exists():
         old = json.loads(marker.read_text())
         if old != config:
-            raise DatasetError(f"{out_dir} holds demos made with {old}, not {config}: use a fresh directory")
+            raise SettingsMismatch(f"{out_dir} holds demos made with {old}, not {config}: use a fresh directory")
     else:
         write_json_atomic(marker, config)
 

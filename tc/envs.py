@@ -1,4 +1,4 @@
-"""Making BabyAI environments: lookup by id with helpful errors, seeding, quiet level generation."""
+"""Making BabyAI environments: lookup by id with helpful errors, seeding, quiet level generation, the action names."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import io
 
 import gymnasium as gym
 import minigrid  # noqa: F401  (importing registers the BabyAI-* ids with gymnasium)
+from minigrid.core.actions import Actions
+
+# The action table, minigrid's own: index = action id (left, right, forward, pickup, drop, toggle, done).
+ACTION_NAMES = [a.name for a in Actions]
 
 
 def babyai_ids() -> list[str]:

@@ -29,14 +29,14 @@ from minigrid.utils.baby_ai_bot import DisappearedBoxError
 from tqdm import tqdm
 
 from tc import vocab
-from tc.demos import ACTION_NAMES
-from tc.envs import check_env_id, make_env, reset_quiet
-from tc.checkpoint import load_agent
-from tc.train import pick_device
+from tc.checkpoint import CheckpointError, load_agent
+from tc.device import pick_device
+from tc.envs import ACTION_NAMES, Actions, check_env_id, make_env, reset_quiet
+from tc.params import check_fields, param
 from tc.thoughts import ThoughtBot
 
 MODES = ("tc", "bc", "oracle", "bot")
-PICKUP, DROP, TOGGLE = 3, 4, 5
+PICKUP, DROP, TOGGLE = Actions.pickup, Actions.drop, Actions.toggle
 
 # on_step(episode_index, step, env, thought, action) -> True to halt the episode before the action.
 OnStep = Callable[[int, int, object, str | None, int], bool]
@@ -56,7 +56,12 @@ class Interaction:
 
 
 @dataclass
-class Episode:
+class Rollout:
+    """One evaluated episode of an agent (or the bot): what it did, thought and achieved.
+
+    Not a demonstration (``tc.demos.Episode``: the bot's recorded observations, for training).
+    """
+
     seed: int
     mission: str
     success: bool = False
@@ -137,7 +142,7 @@ def load_agent_for(path, mode: str, device: torch.device | str = "cpu"):
     try:
         check_mode(agent, mode)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise CheckpointError(f"{path}: {err}") from None
     return agent
 
 
@@ -155,7 +160,7 @@ def evaluate(
     render: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
-) -> list[Episode]:
+) -> list[Rollout]:
     """Run one episode per seed and return them in the order of ``seeds`` (``agent`` is left in eval mode).
 
     ``on_step`` is called for every live environment after the action was chosen and
@@ -178,12 +183,12 @@ def evaluate(
     if max_steps is not None:
         env_kwargs["max_steps"] = int(max_steps)
     envs = [make_env(env_id, **env_kwargs) for _ in range(min(batch_size, len(seeds)))]
-    episodes: list[Episode] = []
+    episodes: list[Rollout] = []
     bar = tqdm(total=len(seeds), desc=f"eval {mode}", unit="ep", disable=not progress)
     for start in range(0, len(seeds), batch_size):
         chunk = [int(s) for s in seeds[start : start + batch_size]]
         obs = [reset_quiet(env, s) for env, s in zip(envs, chunk)]
-        eps = [Episode(seed=s, mission=o["mission"]) for s, o in zip(chunk, obs)]
+        eps = [Rollout(seed=s, mission=o["mission"]) for s, o in zip(chunk, obs)]
         requested = [requested_objects(env) for env in envs[: len(chunk)]]
         bots = [ThoughtBot(env) for env in envs[: len(chunk)]] if mode in ("oracle", "bot") else None
         advice = [bot.step(None) for bot in bots] if bots else None  # the bot's (action, thought) for this step
@@ -242,7 +247,7 @@ def evaluate(
     return episodes
 
 
-def _advise(bots: list, j: int, env, ep: Episode, action: int, previous: tuple[int, str]) -> tuple[int, str]:
+def _advise(bots: list, j: int, env, ep: Rollout, action: int, previous: tuple[int, str]) -> tuple[int, str]:
     """The next (action, thought) of bot ``j``, told the action actually taken.
 
     The minigrid bot gives up when the agent opened a box (DisappearedBoxError) or moved the
@@ -294,7 +299,7 @@ def steer(
     argmax: bool = True,
     render: bool = False,
     max_steps: int | None = None,
-) -> Episode:
+) -> Rollout:
     """One TC episode in which a person's thought replaces the agent's own (thought steering).
 
     ``thought`` is either a fixed thought, in force for steps ``from_step`` <= step <
@@ -316,40 +321,39 @@ def steer(
     return episode
 
 
-def settings(params: dict, where: str = "params.yaml") -> dict:
-    """Keyword arguments of :func:`evaluate` from the ``evaluate`` section of params.yaml.
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate:`` section of params.yaml, also the evaluation settings of the ood and safety stages."""
 
-    Returns ``batch_size``, ``argmax``, ``sample_seed`` (= evaluate.seed) and ``max_steps``
-    (null: the level's own limit); ValueError names a missing or mistyped key.
-    """
-    sec = params.get("evaluate")
-    if not isinstance(sec, dict):
-        raise ValueError(f"{where}: missing section `evaluate`")
-    expected = {
-        "seed": int, "batch_size": int, "argmax": bool, "device": str, "threads": int, "max_steps": (int, type(None)),
-    }  # fmt: skip
-    for key, typ in expected.items():
-        if key not in sec or not isinstance(sec[key], typ) or (typ is int and isinstance(sec[key], bool)):
-            kind = getattr(typ, "__name__", "int or null")
-            raise ValueError(f"{where}: evaluate.{key} must be {kind}, got {sec.get(key)!r}")
-    keys = {"batch_size": "batch_size", "argmax": "argmax", "sample_seed": "seed", "max_steps": "max_steps"}
-    return {arg: sec[key] for arg, key in keys.items()}
+    seed: int = param(200_000_000, ge=0)  # first test seed; also seeds the per-episode action sampling
+    episodes: int = param(100, ge=1)
+    batch_size: int = param(64, ge=1, speed=True)  # results do not depend on it (one sampling stream per episode)
+    argmax: bool = param(False)
+    device: str = param("auto", choices=("auto", "cpu", "cuda"), speed=True)
+    threads: int = param(1, ge=0, speed=True)
+    max_steps: int | None = param(None, ge=1)  # None: the level's own step limit
+
+    def __post_init__(self):
+        check_fields(self, "evaluate")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of :func:`evaluate`: batch_size, argmax, sample_seed (= seed), max_steps."""
+        return {"batch_size": self.batch_size, "argmax": self.argmax, "sample_seed": self.seed,
+                "max_steps": self.max_steps}  # fmt: skip
+
+    def device_for_torch(self) -> torch.device:
+        """The device of ``device``; on CPU, use ``threads`` intra-op threads (0: torch's default).
+
+        One thread: the forward passes are small, and on a shared CPU a second OpenMP thread
+        waiting for a busy core made evaluation ~5x slower (benchmarks/eval_throughput.py).
+        """
+        device = pick_device(self.device)
+        if device.type == "cpu" and self.threads > 0:
+            torch.set_num_threads(self.threads)
+        return device
 
 
-def eval_device(params: dict) -> torch.device:
-    """The device of evaluate.device; on CPU, use evaluate.threads intra-op threads (0: torch's default).
-
-    One thread: the forward passes are small, and on a shared CPU a second OpenMP thread
-    waiting for a busy core made evaluation ~5x slower (benchmarks/eval_throughput.py).
-    """
-    sec = params["evaluate"]
-    device = pick_device(sec["device"])
-    if device.type == "cpu" and sec["threads"] > 0:
-        torch.set_num_threads(sec["threads"])
-    return device
-
-
-def summarize(episodes: list[Episode]) -> dict:
+def summarize(episodes: list[Rollout]) -> dict:
     """Success rate, mean return, mean length (steps), halted episodes (intervention) and the
     times an oracle bot could not follow the agent and a new one planned from where it was."""
     n = len(episodes)

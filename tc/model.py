@@ -45,7 +45,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from tc import vocab
 from tc.kernels import TapedLinear, TapedLSTMCell, per_step
-from tc.params import dataclass_from_dict
+from tc.params import check_fields, dataclass_from_dict, param
 
 N_ACTIONS = 7  # left, right, forward, pickup, drop, toggle, done
 # Largest value of any of the three image channels (object, colour, state) plus one.
@@ -56,27 +56,23 @@ IMAGE_VALUES = max(len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX))
 class ModelConfig:
     """Architecture of an :class:`Agent`; saved in every checkpoint."""
 
-    image_dim: int = 128  # channels of the image features (paper: 128)
-    memory_dim: int = 256  # width of every LSTM: memories, thought history, decoder (paper: 2048)
-    instr_dim: int = 128  # word embeddings, encodings and attention width (paper: 256)
-    use_thoughts: bool = True  # False: BC baseline, the action generator on the mission only
-    attn_heads: int = 2  # heads of the REFER cross attention (paper: 2)
-    dropout: float = 0.2  # REFER blocks' dropout (paper: 0.2)
-    attn_dropout: float = 0.1  # dropout on every attention's weights (paper: 0.1)
-    vocab_size: int = vocab.VOCAB_SIZE
-    max_thought_len: int = vocab.MAX_THOUGHT_LEN
+    image_dim: int = param(128, ge=1)  # channels of the image features (paper: 128)
+    memory_dim: int = param(256, ge=1)  # width of every LSTM: memories, thought history, decoder (paper: 2048)
+    instr_dim: int = param(128, ge=2)  # word embeddings, encodings and attention width (paper: 256)
+    attn_heads: int = param(2, ge=1, thoughts=True)  # heads of the REFER cross attention (paper: 2)
+    dropout: float = param(0.2, ge=0, lt=1, thoughts=True)  # REFER blocks' dropout (paper: 0.2)
+    attn_dropout: float = param(0.1, ge=0, lt=1)  # dropout on every attention's weights (paper: 0.1)
+    # Not in params.yaml: set by the agent kind and the vocabulary.
+    use_thoughts: bool = param(True, in_params=False)  # False: BC baseline, the action generator on the mission only
+    vocab_size: int = param(vocab.VOCAB_SIZE, ge=1, in_params=False)
+    max_thought_len: int = param(vocab.MAX_THOUGHT_LEN, ge=1, in_params=False)
 
     def __post_init__(self):
-        for name in ("image_dim", "memory_dim", "instr_dim", "attn_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("dropout", "attn_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        check_fields(self, "model")
         if self.instr_dim % 2 or self.instr_dim % self.attn_heads:
             raise ValueError(
-                f"ModelConfig.instr_dim ({self.instr_dim}) must be even (two GRU directions) "
-                f"and divisible by attn_heads ({self.attn_heads})"
+                f"model.instr_dim ({self.instr_dim}) must be even (two GRU directions) "
+                f"and divisible by model.attn_heads ({self.attn_heads})"
             )
 
     @classmethod

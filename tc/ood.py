@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from dataclasses import dataclass
 from pathlib import Path
 
 from minigrid.envs.babyai.core.verifier import PutNextInstr, SeqInstr
@@ -33,6 +34,7 @@ from minigrid.utils.baby_ai_bot import BabyAIBot
 from tqdm import tqdm
 
 from tc.envs import check_env_id, make_env, reset_quiet
+from tc.params import FileFormatError, check_fields, param
 
 AXES = ("behavioural", "cognitive")
 
@@ -69,6 +71,22 @@ def check_bins(bins: list[int], levels: list[int]) -> None:
         raise ValueError(f"ood.behavioural_bins: the first bin must start at length 0, got {bins}")
     if not levels or levels != list(range(1, len(levels) + 1)):
         raise ValueError(f"ood.cognitive_levels: expected 1, 2, ..., n, got {levels}")
+
+
+@dataclass(frozen=True)
+class OodConfig:
+    """The ``ood:`` section of params.yaml (the level is demos.level)."""
+
+    seed: int = param(300_000_000, ge=0)
+    episodes_per_bin: int = param(5, ge=1)
+    max_candidates: int = param(500, ge=1)  # seeds scanned to fill the bins
+    workers: int = param(2, ge=1, speed=True)  # processes running the bot; the level sets do not depend on it
+    behavioural_bins: list[int] = param([25, 75, 125, 175, 225, 275, 325, 375, 425], ge=1)
+    cognitive_levels: list[int] = param([1, 2, 3, 4, 5, 6, 7, 8, 9], ge=1)
+
+    def __post_init__(self):
+        check_fields(self, "ood")
+        check_bins(self.behavioural_bins, self.cognitive_levels)
 
 
 def bot_solution_length(env) -> int | None:
@@ -173,8 +191,11 @@ def load_level_sets(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"OOD level sets {path} not found; run `dvc repro make_ood_levels` first")
-    sets = json.loads(path.read_text())
-    missing = [k for k in ("env_id", *AXES) if k not in sets]
+    try:
+        sets = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{path}: not valid JSON ({err})") from None
+    missing = [k for k in ("env_id", *AXES) if not isinstance(sets, dict) or k not in sets]
     if missing:
-        raise ValueError(f"{path}: not an OOD level-set file (missing keys {missing})")
+        raise FileFormatError(f"{path}: not an OOD level-set file (missing keys {missing})")
     return sets

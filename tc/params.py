@@ -1,11 +1,156 @@
-"""Reading params.yaml with errors that name the file and the missing key."""
+"""Reading params.yaml into typed, range-checked config dataclasses.
+
+Each params section has one frozen dataclass beside the code that uses it (DemosConfig in
+tc/demos.py, ModelConfig in tc/model.py, TrainConfig in tc/train.py, EvaluateConfig in
+tc/evaluate.py, OodConfig in tc/ood.py, SafetyConfig in tc/safety.py, PlotsConfig in
+tc/plots.py). A field declares its allowed values with :func:`param`; the field's type
+annotation is its expected type. ``check_fields`` (called by every config's
+``__post_init__``) enforces both, so a config built in code is checked like one read
+from params.yaml, and every error is one line naming ``section.key``, the value, the
+expected type and the range.
+
+Defaults: params.yaml gives every key; the dataclass defaults equal params.yaml's values
+(tests/test_params.py fails when they drift apart), so a key left out of a user's
+params.yaml means what the shipped params.yaml says.
+
+Errors in what a user gave (params, files, flags) are :class:`UserError`; the stages and
+the ``tc`` command report them as one line without a traceback (:func:`user_errors`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import sys
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+
+class UserError(Exception):
+    """A problem with the user's input (a param, a file, a flag): shown as one line, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A params value of the wrong type or out of range, an unknown or a missing key."""
+
+
+class FileFormatError(UserError, ValueError):
+    """A file a stage reads (JSON, CSV) that does not have the expected content."""
+
+
+def param(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, speed: bool = False,
+          thoughts: bool = False, in_params: bool = True) -> Any:  # fmt: skip
+    """A config field with its allowed values.
+
+    ``ge``/``gt``/``le``/``lt``: bounds of a number (of each item of a list); ``choices``:
+    the allowed values. ``speed``: the setting changes how fast results come, never the
+    results (threads, device, workers, evaluation batch size), so no DVC stage lists it in
+    ``params:``. ``thoughts``: only an agent with thoughts (TC) reads it, so BC's training
+    does not depend on it. ``in_params``: False for fields that params.yaml does not hold
+    (derived or set by the code, e.g. ModelConfig.use_thoughts).
+    """
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "speed": speed, "thoughts": thoughts,
+            "in_params": in_params}  # fmt: skip
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is typing.Literal:
+        return " | ".join(map(str, args))
+    return {bool: "true or false", int: "an int", float: "a number", str: "a string", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _fits(value, tp) -> bool:
+    """Whether ``value`` has type ``tp`` as YAML gives it (bool is not an int; an int is a float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    if origin is typing.Literal:
+        return value in args
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, tp)
+
+
+def _range_text(meta: Mapping) -> str:
+    parts = [f"{op} {meta[key]}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+             if meta.get(key) is not None]  # fmt: skip
+    if meta.get("choices") is not None:
+        parts.append("one of " + ", ".join(map(str, meta["choices"])))
+    return " and ".join(parts)
+
+
+def _in_range(value, meta: Mapping) -> bool:
+    if value is None:
+        return True
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        return False
+    items = value if isinstance(value, list) else [value]
+    bounds = (("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("le", lambda v, b: v <= b),
+              ("lt", lambda v, b: v < b))
+    return all(meta.get(k) is None or ok(v, meta[k]) for v in items for k, ok in bounds)
+
+
+def check_fields(cfg, section: str) -> None:
+    """Check every field of dataclass instance ``cfg`` against its annotation and :func:`param` range.
+
+    Ints given for float fields become floats (params.yaml's ``lr: 1`` means 1.0).
+    Raises ConfigError: ``section.key = value: expected TYPE RANGE``.
+    """
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        expected = " ".join(filter(None, [_type_name(tp), _range_text(f.metadata)]))
+        if not _fits(value, tp) or not _in_range(value, f.metadata):
+            raise ConfigError(f"{section}.{f.name} = {value!r}: expected {expected}")
+        if tp is float and isinstance(value, int):
+            object.__setattr__(cfg, f.name, float(value))  # the configs are frozen
+
+
+def dataclass_from_dict(cls, d: Mapping, section: str):
+    """Build config ``cls`` from a params section; unknown keys (typos) and bad values are ConfigErrors."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{section} must be a mapping of keys to values, got {d!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} config keys {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**d)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # a cross-field check of __post_init__ (its message names the keys)
+        raise ConfigError(str(err)) from None
+
+
+def params_keys(cls) -> list[dataclasses.Field]:
+    """The fields of config ``cls`` that params.yaml holds."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("in_params", True)]
 
 
 def load_params(path: str | Path, *sections: str) -> dict:
@@ -14,35 +159,54 @@ def load_params(path: str | Path, *sections: str) -> dict:
     try:
         params = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SystemExit(f"params file {path} not found") from None
+        raise ConfigError(f"params file {path} not found") from None
     except yaml.YAMLError as err:
-        raise SystemExit(f"params file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"params file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(params, dict):
-        raise SystemExit(f"params file {path} must hold a mapping of sections, got {type(params).__name__}")
+        raise ConfigError(f"params file {path} must hold a mapping of sections, got {type(params).__name__}")
     missing = [s for s in sections if not isinstance(params.get(s), dict)]
     if missing:
-        raise SystemExit(f"params file {path} lacks section(s) {', '.join(missing)}")
+        raise ConfigError(f"params file {path} lacks section(s) {', '.join(missing)}")
     return params
 
 
-def require(section: dict, name: str, keys: dict[str, type]) -> dict:
-    """Return ``section`` after checking each key exists with the expected type."""
-    for key, kind in keys.items():
-        if key not in section:
-            raise SystemExit(f"params: {name}.{key} is missing (expected {kind.__name__})")
-        value = section[key]
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok:
-            raise SystemExit(f"params: {name}.{key} = {value!r}, expected {kind.__name__}")
-    return section
+def load_configs(path: str | Path, **classes) -> tuple[dict, types.SimpleNamespace]:
+    """Read ``path`` and build one config per section: ``load_configs(p, train=TrainConfig)``.
+
+    Returns (the whole params dict, a namespace of the configs by section name). Every
+    section is checked before the caller does any work; errors are ConfigErrors naming
+    the file and ``section.key``.
+    """
+    params = load_params(path, *classes)
+    try:
+        configs = {name: dataclass_from_dict(cls, params[name], name) for name, cls in classes.items()}
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return params, types.SimpleNamespace(**configs)
 
 
-def dataclass_from_dict(cls, d: dict, section: str):
-    """Build dataclass ``cls`` from a params section, naming unknown keys (typos would be silently ignored)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown {section} config keys {unknown}; known: {sorted(known)}")
-    return cls(**d)
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys, as DVC names params (``train.lr``); lists stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a :class:`UserError` or a missing file into ``error: <message>`` on stderr and exit
+    status 1, without a traceback.
+
+    Stages and the ``tc`` command run their work inside it; any other exception is a bug
+    and keeps its traceback.
+    """
+    try:
+        yield
+    except (UserError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -6,15 +6,15 @@
   was not measured that epoch: no validation, or no thoughts in BC).
 - Training curves: every history column whose name holds "loss", "action_acc" or "thought_acc".
 - Fig. 4(a): zero-shot success per out-of-distribution bin, TC vs BC vs TC with oracle
-  thoughts, from ood.json (schema in notes/CONTRACTS.md and ``load_ood``).
+  thoughts, from ood.json (schema in docs/ARCHITECTURE.md and ``load_ood``).
 Success rates are fractions in [0, 1] in the files and percentages on the figures.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -22,9 +22,10 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: stages run headless
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tc.history import load_history  # noqa: E402
 from tc.io import atomic_path  # noqa: E402
+from tc.params import FileFormatError, check_fields, param  # noqa: E402
 
-HISTORY_COLUMNS = ("frames", "epoch", "val_success")  # required; other numeric columns are plotted as curves
 CURVE_PANELS = {"loss": "loss", "action_acc": "action accuracy", "thought_acc": "thought accuracy"}
 OOD_AXES = ("behavioural", "cognitive")
 OOD_AGENTS = ("tc", "bc", "oracle")
@@ -33,23 +34,14 @@ AGENT_COLORS = {"tc": "tab:blue", "bc": "tab:orange", "oracle": "tab:green"}
 FIGURES = {"success": "fig3_success_vs_frames.png", "curves": "training_curves.png", "ood": "fig4a_ood.png"}
 
 
-def _number(cell: str) -> float:
-    """A CSV cell as float; empty means not measured (nan)."""
-    return float(cell) if cell.strip() else math.nan
+@dataclass(frozen=True)
+class PlotsConfig:
+    """The ``plots:`` section of params.yaml."""
 
+    dpi: int = param(150, ge=10, le=1200)  # resolution of reports/figures/*.png
 
-def load_history(path: str | Path) -> dict[str, list[float]]:
-    """All columns of a training history CSV as floats; ValueError names the file and the problem."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: history CSV lacks columns {missing} (expected {list(HISTORY_COLUMNS)})")
-        rows = list(reader)
-    try:
-        return {c: [_number(r[c] or "") for r in rows] for c in reader.fieldnames}
-    except ValueError as e:
-        raise ValueError(f"{path}: non-numeric cell in history CSV ({e})") from None
+    def __post_init__(self):
+        check_fields(self, "plots")
 
 
 def load_ood(path: str | Path) -> dict[str, dict[str, dict[str, dict]]]:
@@ -59,10 +51,13 @@ def load_ood(path: str | Path) -> dict[str, dict[str, dict[str, dict]]]:
     "tc", "bc" or "oracle" (any may be absent); success_rate is a fraction, null when the
     bin got no episode; further keys (e.g. the rest of ``tc.evaluate.summarize``) are allowed.
     """
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{path}: not valid JSON ({err})") from None
 
-    def bad(where: str, what: str) -> ValueError:
-        return ValueError(f"{path}: {where}: {what} (schema in notes/CONTRACTS.md)")
+    def bad(where: str, what: str) -> FileFormatError:
+        return FileFormatError(f"{path}: {where}: {what} (schema in docs/ARCHITECTURE.md)")
 
     if not isinstance(data, dict) or not set(data) <= set(OOD_AXES):
         raise bad("top level", f"expected an object with keys among {OOD_AXES}")

@@ -2,7 +2,7 @@
 
 Inputs (each optional: a missing one is noted in the report, a malformed one raises
 ValueError naming it): the training histories and metrics of TC and BC, eval.json,
-ood.json (schema in notes/CONTRACTS.md) and safety.json. Reference numbers are those
+ood.json (schema in docs/ARCHITECTURE.md) and safety.json. Reference numbers are those
 read off the paper's figures (SPEC.md, +-2 points).
 """
 
@@ -13,8 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tc.plots import FIGURES, load_history, load_ood
-from tc.tracking import flatten
+from tc.history import load_history
+from tc.params import FileFormatError, flatten
+from tc.plots import FIGURES, load_ood
 
 AGENTS = ("tc", "bc")
 
@@ -75,15 +76,15 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def load_json(path: Path) -> dict | None:
-    """A JSON object, None when the file is absent; ValueError names a malformed file."""
+    """A JSON object, None when the file is absent; FileFormatError names a malformed file."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise FileFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
+        raise FileFormatError(f"{path}: expected a JSON object at the top level")
     return data
 
 
@@ -184,7 +185,11 @@ def build_report(params: dict, metrics_dir: str | Path, plots_dir: str | Path) -
     safety_ref = "Paper, share of episodes with the behaviour (%), without -> with intervention: " + "; ".join(
         f"{k} {a} -> {b}" for k, (a, b) in PAPER_SAFETY.items()
     )
+    # Definitions come from params.yaml: safety.json holds numbers only (it is a DVC metric).
+    events = {b.get("name"): {"event": b.get("event")} for b in (params.get("safety") or {}).get("behaviours") or []
+              if isinstance(b, dict)}  # fmt: skip
     safety_paper = {k: {"paper % without": a, "paper % with": b} for k, (a, b) in PAPER_SAFETY.items()}
+    safety_extra = {k: events.get(k, {}) | safety_paper.get(k, {}) for k in events.keys() | safety_paper.keys()}
     lines = [
         "# Thought Cloning on BabyAI: results",
         "",
@@ -195,6 +200,6 @@ def build_report(params: dict, metrics_dir: str | Path, plots_dir: str | Path) -
         *training_section(metrics_dir, plots_dir, params.get("demos", {}).get("level", "level unknown")),
         *json_section("Evaluation (test seeds)", metrics_dir / "eval.json"),
         *ood_section(metrics_dir / "ood.json"),
-        *json_section("Safety: precrime intervention", metrics_dir / "safety.json", safety_ref + ".", safety_paper),
+        *json_section("Safety: precrime intervention", metrics_dir / "safety.json", safety_ref + ".", safety_extra),
     ]
     return "\n".join(lines).rstrip() + "\n"

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -27,13 +29,15 @@ from typing import Any
 
 import mlflow
 
+from tc.params import UserError, flatten
+
 DEFAULT_EXPERIMENT = "thought-cloning"
 PROBE_TIMEOUT_S = 3.0  # a healthy server answers /health in milliseconds
 URI_ENV = "MLFLOW_TRACKING_URI"
 
 
-class TrackingUnavailableError(RuntimeError):
-    """The tracking store cannot be reached; raised before any training starts."""
+class TrackingUnavailableError(UserError, RuntimeError):
+    """The tracking store cannot be reached or written; raised before any training starts."""
 
 
 def repo_root() -> Path:
@@ -69,9 +73,12 @@ def check_tracking(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             f"or unset {URI_ENV} to log to the local mlflow.db."
         )
     if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingUnavailableError(f"MLflow SQLite store folder {folder} is missing or not writable {hint}")
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+            raise TrackingUnavailableError(f"MLflow SQLite store folder {db.parent} is missing or not writable {hint}")
+        if db.exists() and not os.access(db, os.W_OK):
+            raise TrackingUnavailableError(f"MLflow SQLite store {db} is read-only {hint}: make it writable "
+                                           f"(chmod u+w)")
 
 
 def git_revision(cwd: Path | None = None) -> str:
@@ -120,18 +127,6 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys, as DVC names params (``train.lr``); lists stay whole."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _experiment_id(name: str, uri: str) -> str:
     """Id of experiment ``name``, created on first use; local stores keep artifacts in <root>/mlruns."""
     exp = mlflow.get_experiment_by_name(name)
@@ -157,7 +152,6 @@ def start_run(
     """
     uri = tracking_uri()
     check_tracking(uri)
-    mlflow.set_tracking_uri(uri)
     name = (
         experiment
         or (params.get("tracking") or {}).get("experiment")
@@ -165,11 +159,47 @@ def start_run(
         or DEFAULT_EXPERIMENT
     )
     all_tags = run_tags() | dict(tags or {})
-    with mlflow.start_run(
-        run_name=run_name, experiment_id=_experiment_id(name, uri), nested=nested, tags=all_tags
-    ) as run:
-        mlflow.log_params(flatten(params))
-        yield run
+    # Under `dvc exp run` the experiment's name tells the runs of a sweep apart in the UI's list.
+    display = f"{run_name} [{os.environ['DVC_EXP_NAME']}]" if os.environ.get("DVC_EXP_NAME") else run_name
+    try:
+        mlflow.set_tracking_uri(uri)
+        run = mlflow.start_run(run_name=display, experiment_id=_experiment_id(name, uri), nested=nested, tags=all_tags)
+    except Exception as err:  # the store's own errors (SQLAlchemy, MlflowException): read-only, not a database...
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise TrackingUnavailableError(f"MLflow store {uri} cannot take runs: {first}") from err
+    with _terminate_as_interrupt():
+        try:
+            mlflow.log_params(flatten(params))
+            yield run
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see _terminate_as_interrupt)
+            mlflow.end_run("KILLED")
+            raise
+        except BaseException:
+            mlflow.end_run("FAILED")
+            raise
+        mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM raise KeyboardInterrupt, like Ctrl-C, while a run is open.
+
+    Python's default SIGTERM handling exits without unwinding, which would leave the run
+    RUNNING in MLflow forever; unwinding lets ``start_run`` end it as KILLED.
+    Signal handlers can only be set from the main thread; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:

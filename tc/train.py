@@ -43,8 +43,9 @@ from tqdm import tqdm
 from tc import distributed, vocab
 from tc.checkpoint import check_config, load_checkpoint, save_checkpoint
 from tc.demos import Demos
+from tc.device import pick_device
 from tc.model import Agent, AgentOutput, ModelConfig, commit_batchnorm, count_parameters
-from tc.params import dataclass_from_dict
+from tc.params import check_fields, dataclass_from_dict, param
 
 LogFn = Callable[[dict[str, float], int], None]
 EvaluateFn = Callable[[Agent], dict]
@@ -52,43 +53,34 @@ EvaluateFn = Callable[[Agent], dict]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The ``train:`` section of params.yaml."""
+    """The ``train:`` section of params.yaml (defaults: params.yaml's; ranges: tc.params.param)."""
 
-    seed: int = 1
-    epochs: int = 6
-    episodes_per_epoch: int = 1000
-    batch_size: int = 32  # episodes per update
-    sort_window: int = 16  # batches whose episodes are grouped by length (1: no grouping)
-    recurrence: int = 20  # truncated BPTT length (steps)
-    lr: float = 5e-4
-    adam_eps: float = 1e-5
-    warmup_epochs: float = 1  # linear lr ramp over this many epochs (0: none)
-    lr_halve_epoch: int | None = 4  # lr halves from this epoch (0-based) on; None: never
-    entropy_coef: float = 0.01
-    sg_coef: float = 2.0  # thought loss weight; 0 = "TC without imitating thoughts"
-    stop_tf: int = 2  # teacher forcing ratio 1 for epochs < stop_tf, then linear to 0
-    max_grad_norm: float | None = None  # gradient-norm clipping; None: none (paper)
-    thought_loss: str = "sum"  # thought NLL summed over a thought's words (paper) | "mean" per word
-    val_interval: int = 2  # epochs between validations (the last epoch always validates)
-    val_episodes: int = 50  # success-rate episodes per validation (used by the evaluate_fn)
-    checkpoint_interval: int = 50  # updates between resume checkpoints (plus every epoch end)
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 1  # torch intra-op threads on CPU (0: torch's default); see params.yaml
-    amp: bool = True  # bfloat16 autocast, on CUDA only
-    nproc: int = 1  # data-parallel processes (stages/train.py starts torchrun when > 1)
+    seed: int = param(1, ge=0)
+    epochs: int = param(3, ge=1)
+    episodes_per_epoch: int = param(500, ge=1)
+    batch_size: int = param(32, ge=1)  # episodes per update
+    sort_window: int = param(16, ge=1)  # batches whose episodes are grouped by length (1: no grouping)
+    recurrence: int = param(20, ge=1)  # truncated BPTT length (steps)
+    lr: float = param(5e-4, gt=0)
+    adam_eps: float = param(1e-5, gt=0)
+    warmup_epochs: float = param(1, ge=0)  # linear lr ramp over this many epochs (0: none)
+    lr_halve_epoch: int | None = param(2, ge=0)  # lr halves from this epoch (0-based) on; None: never
+    entropy_coef: float = param(0.01, ge=0)
+    sg_coef: float = param(2.0, ge=0, thoughts=True)  # thought loss weight; 0 = "TC without imitating thoughts"
+    stop_tf: int = param(1, ge=0, thoughts=True)  # teacher forcing ratio 1 for epochs < stop_tf, then linear to 0
+    max_grad_norm: float | None = param(None, gt=0)  # gradient-norm clipping; None: none (paper)
+    # The thought NLL summed over a thought's words (paper) or averaged per word.
+    thought_loss: str = param("sum", choices=("sum", "mean"), thoughts=True)
+    val_interval: int = param(1, ge=1)  # epochs between validations (the last epoch always validates)
+    val_episodes: int = param(50, ge=0)  # success-rate episodes per validation (0: action accuracy only)
+    checkpoint_interval: int = param(50, ge=1, speed=True)  # updates between resume checkpoints (plus every epoch end)
+    device: str = param("auto", choices=("auto", "cpu", "cuda"), speed=True)
+    threads: int = param(1, ge=0, speed=True)  # torch intra-op threads on CPU (0: torch's default); see params.yaml
+    amp: bool = param(True)  # bfloat16 autocast, on CUDA only
+    nproc: int = param(1, ge=1, speed=True)  # data-parallel processes (stages/train.py starts torchrun when > 1)
 
     def __post_init__(self):
-        positive = ("epochs", "episodes_per_epoch", "batch_size", "sort_window", "recurrence", "val_interval",
-                    "checkpoint_interval", "nproc")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        if self.thought_loss not in ("sum", "mean"):
-            raise ValueError(f"train.thought_loss must be sum or mean, got {self.thought_loss!r}")
-        if self.threads < 0:
-            raise ValueError(f"train.threads must be >= 0, got {self.threads}")
+        check_fields(self, "train")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -379,14 +371,6 @@ def check_resume(path: Path, ts: dict, cfg: TrainConfig, demos: Demos) -> None:
 
 
 # ----------------------------------------------------------------------------- training loop
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def train(

@@ -16,15 +16,15 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from tc.demos import ACTION_NAMES
-from tc.evaluate import Episode, evaluate
+from tc.envs import ACTION_NAMES
+from tc.evaluate import Rollout, evaluate
 from tc.io import atomic_path
 
 FORMATS = (".gif", ".html")
 LINE, CAPTION_LINES = 12, 3  # text line height (px) and caption lines under each GIF frame
 
 
-def captions(ep: Episode) -> list[str]:
+def captions(ep: Rollout) -> list[str]:
     """One caption per frame: the step's thought and action, then how the episode ended."""
     out = []
     for i in range(len(ep.frames)):
@@ -67,7 +67,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def write_gif(ep: Episode, path: str | Path, fps: float = 4, scale: float = 0.5) -> None:
+def write_gif(ep: Rollout, path: str | Path, fps: float = 4, scale: float = 0.5) -> None:
     frames = [_annotated(f, ep.mission, c, scale) for f, c in zip(ep.frames, captions(ep))]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
@@ -97,7 +97,7 @@ show(0);
 """
 
 
-def write_html(ep: Episode, path: str | Path, fps: float = 4, scale: float = 0.5, title: str = "episode") -> None:
+def write_html(ep: Rollout, path: str | Path, fps: float = 4, scale: float = 0.5, title: str = "episode") -> None:
     pngs = []
     for frame in ep.frames:
         buf = io.BytesIO()
@@ -110,7 +110,7 @@ def write_html(ep: Episode, path: str | Path, fps: float = 4, scale: float = 0.5
     _write_atomic(Path(path), page.encode())
 
 
-def save_episode(ep: Episode, path: str | Path, fps: float = 4, scale: float = 0.5, title: str = "episode") -> None:
+def save_episode(ep: Rollout, path: str | Path, fps: float = 4, scale: float = 0.5, title: str = "episode") -> None:
     """Write ``ep`` (recorded with render=True) as .gif or .html, by the suffix of ``path``."""
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
@@ -125,7 +125,7 @@ def save_episode(ep: Episode, path: str | Path, fps: float = 4, scale: float = 0
 
 def watch(
     agent, env_id: str, seed: int, mode: str = "tc", *, argmax: bool = True, max_steps: int | None = None
-) -> Episode:
+) -> Rollout:
     """Record one episode with frames (see :func:`tc.evaluate.evaluate` for the modes)."""
     (ep,) = evaluate(
         agent, env_id, [seed], mode, batch_size=1, argmax=argmax, render=True, max_steps=max_steps, progress=False

@@ -1,11 +1,13 @@
 """Fixtures shared by several test files."""
 
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def stage_main():
+    """``stage_main(name)``: the ``main(argv)`` of stages/<name>.py (the stages are scripts, not a package),
+    to run a stage in the test's process."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main
+
+    return load
 
 
 @pytest.fixture

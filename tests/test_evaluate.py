@@ -7,7 +7,7 @@ from PIL import Image
 
 from tc.cli import main as tc_main
 from tc.envs import make_env, reset_quiet
-from tc.evaluate import PICKUP, evaluate, settings, steer, summarize
+from tc.evaluate import PICKUP, EvaluateConfig, evaluate, steer, summarize
 from tc.model import Agent, ModelConfig
 from tc.ood import bot_solution_length
 from tc.thoughts import ThoughtBot
@@ -126,13 +126,11 @@ def test_cli_watch_and_show(tmp_path, capsys):
         tc_main(["show", str(tmp_path / "demos"), "5"])
 
 
-def test_settings_read_params_and_name_bad_keys():
-    sec = {"seed": 1, "episodes": 4, "batch_size": 8, "argmax": False, "device": "cpu", "threads": 1, "max_steps": None}
-    params = {"evaluate": sec}
-    assert settings(params) == {"batch_size": 8, "argmax": False, "sample_seed": 1, "max_steps": None}
-    params["evaluate"]["batch_size"] = "8"
-    with pytest.raises(ValueError, match="evaluate.batch_size"):
-        settings(params)
+def test_evaluate_config_gives_the_evaluate_arguments():
+    cfg = EvaluateConfig(seed=1, episodes=4, batch_size=8, argmax=False, device="cpu", threads=1, max_steps=None)
+    assert cfg.kwargs() == {"batch_size": 8, "argmax": False, "sample_seed": 1, "max_steps": None}
+    with pytest.raises(ValueError, match="evaluate.batch_size = '8': expected an int >= 1"):
+        EvaluateConfig(batch_size="8")
 
 
 def test_summarize_counts():

@@ -1,25 +1,30 @@
 """The DVC pipeline end to end on a micro config, and the plots / report stages' library.
 
-The end-to-end test copies the repository (tracked and untracked, not ignored files) into a
-fresh git repo, shrinks params.yaml to a micro config and runs the real `dvc repro`. It runs
-the stages of dvc.yaml whose script exists and whose inputs some runnable stage writes
-(stages are being added one by one); plots and report run on whatever inputs exist.
+The end-to-end tests copy the repository (tracked and untracked, not ignored files) into a
+fresh git repo, shrink params.yaml to a micro config and run the real `dvc repro`: every
+stage of dvc.yaml must run and write outputs of the expected content; a training killed
+mid-way resumes under `dvc repro` and ends with the weights of an uninterrupted run.
 """
 
 import json
 import os
 import re
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from tc.plots import FIGURES, load_history, load_ood, write_figures
+from tc.history import load_history
+from tc.params import flatten
+from tc.plots import FIGURES, load_ood, write_figures
 from tc.report import build_report
-from tc.tracking import flatten
 
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, python
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +44,6 @@ MICRO = {
 }  # fmt: skip
 RUNNING = re.compile(r"Running stage '([^']+)'")
 OUT_FIELDS = ("outs", "metrics", "plots")
-TOLERANT = {"plots", "report"}  # stages that note missing inputs instead of failing
 
 
 def overlaps(a: str, b: str) -> bool:
@@ -54,7 +58,7 @@ def entry_paths(entries: list) -> list[str]:
 
 
 def expand(stages: dict) -> dict[str, dict]:
-    """dvc.yaml stages with `foreach` unrolled: {"train@tc": {...}} with ${key}/${item} substituted."""
+    """dvc.yaml stages with `foreach` unrolled: {"train@tc": {...}} with ${key}/${item}/${item.field} substituted."""
     out = {}
     for name, body in stages.items():
         if "foreach" not in body:
@@ -63,43 +67,10 @@ def expand(stages: dict) -> dict[str, dict]:
         items = body["foreach"]
         for key in items if isinstance(items, (dict, list)) else []:
             text = yaml.safe_dump(body["do"]).replace("${key}", str(key)).replace("${item}", str(key))
+            for field, value in (items[key] if isinstance(items, dict) else {}).items():
+                text = text.replace("${item.%s}" % field, str(value))
             out[f"{name}@{key}"] = yaml.safe_load(text)
     return out
-
-
-def prune(stages: dict, root: Path) -> tuple[dict, list[str]]:
-    """The stages that can run now, and notes on what was left out.
-
-    A stage whose script does not exist yet is left out, and so (transitively) is a stage
-    needing a file that neither exists nor is written by a kept stage; except the stages
-    in TOLERANT, which lose that dependency instead and run on what is there.
-    """
-    notes, kept = [], {}
-    for name, body in stages.items():
-        script = re.search(r"python\s+(\S+\.py)", (body.get("do") or body)["cmd"])
-        if script and not (root / script.group(1)).is_file():
-            notes.append(f"stage {name}: skipped, {script.group(1)} does not exist yet")
-        else:
-            kept[name] = body
-    while True:
-        produced = [p for b in expand(kept).values() for f in OUT_FIELDS for p in entry_paths(b.get(f))]
-        unmet = {}
-        for name, body in kept.items():
-            keys = body.get("foreach", [None])
-            for dep in entry_paths((body.get("do") or body).get("deps")):
-                variants = [dep.replace("${key}", str(k)).replace("${item}", str(k)) for k in keys]
-                if not all((root / v).exists() or any(overlaps(v, p) for p in produced) for v in variants):
-                    unmet.setdefault(name, []).append(dep)
-        if not unmet:
-            return kept, notes
-        for name, deps in unmet.items():
-            if name in TOLERANT:
-                target = kept[name].get("do") or kept[name]
-                target["deps"] = [d for d in target["deps"] if d not in deps]
-                notes.append(f"stage {name}: dependencies {deps} dropped, no kept stage writes them")
-            else:
-                del kept[name]
-                notes.append(f"stage {name}: skipped, no kept stage writes {deps}")
 
 
 def descendants(stages: dict[str, dict], start: set[str]) -> set[str]:
@@ -139,10 +110,10 @@ def micro_repo(tmp_path_factory):
         if key in params.get(section, {}):
             params[section][key] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
-    pipeline["stages"], notes = prune(pipeline["stages"], root)
-    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    print("\n".join(notes))
+    stages = expand(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    for name, body in stages.items():
+        script = re.search(r"python\s+(\S+\.py)", body["cmd"]).group(1)
+        assert (root / script).is_file(), f"stage {name}: its script {script} does not exist"
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "TC_"))}
     env |= {"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "PYTHONPATH": str(root), "DVC_NO_ANALYTICS": "1"}
@@ -151,13 +122,13 @@ def micro_repo(tmp_path_factory):
     def sh(*cmd: str) -> str:
         out = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              timeout=600)  # fmt: skip
-        assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-6000:]}\nnotes: {notes}"
+        assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-6000:]}"
         return out.stdout
 
     sh("git", "init", "-q")
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "micro pipeline")
-    return root, sh, expand(pipeline["stages"])
+    return root, sh, stages, env
 
 
 def repro(sh) -> set[str]:
@@ -172,13 +143,37 @@ def set_param(root: Path, dotted: str, value) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def check_reports(root: Path) -> None:
+    """eval.json, ood.json and safety.json hold every mode / bin / behaviour with the episodes asked for."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    ev = json.loads((root / "reports/metrics/eval.json").read_text())
+    assert sorted(ev) == ["bc", "bot", "oracle", "tc"]
+    for mode, row in ev.items():
+        assert row["episodes"] == params["evaluate"]["episodes"] and 0 <= row["success_rate"] <= 1, (mode, row)
+
+    levels = json.loads((root / "data/ood/levels.json").read_text())
+    ood = json.loads((root / "reports/metrics/ood.json").read_text())
+    for axis in ("behavioural", "cognitive"):
+        assert sorted(ood[axis]) == sorted(levels[axis]), axis
+        for b, seeds in levels[axis].items():
+            assert sorted(ood[axis][b]) == ["bc", "oracle", "tc"], (axis, b)
+            assert all(cell["episodes"] == len(seeds) for cell in ood[axis][b].values()), (axis, b)
+
+    safety = json.loads((root / "reports/metrics/safety.json").read_text())
+    names = [b["name"] for b in params["safety"]["behaviours"]]
+    assert sorted(safety) == sorted(names + ["fads", "no_intervention"])
+    assert safety["no_intervention"]["episodes"] == safety["fads"]["episodes"] == params["safety"]["episodes"]
+    for name in names:
+        assert all(isinstance(v, float) and 0 <= v <= 1 for v in safety[name].values()), safety[name]
+
+
 def test_repro_runs_everything_then_nothing_then_only_downstream(micro_repo):
-    root, sh, stages = micro_repo
-    assert stages, "dvc.yaml has no runnable stage"
+    root, sh, stages, _ = micro_repo
     assert repro(sh) == set(stages)
     for name, body in stages.items():
         for path in (p for f in OUT_FIELDS for p in entry_paths(body.get(f))):
             assert (root / path).exists(), f"stage {name} did not write {path}"
+    check_reports(root)
 
     assert repro(sh) == set(), "a second `dvc repro` with nothing changed must run no stage"
     assert "up to date" in sh("dvc", "status")
@@ -203,6 +198,55 @@ def test_repro_runs_everything_then_nothing_then_only_downstream(micro_repo):
         assert changed <= ran, f"{key} changed: stages {changed} using it must rerun, ran {ran}"
         assert ran <= changed | descendants(stages, changed), f"{key} changed: ran {ran}, beyond its downstream"
         assert repro(sh) == set()
+
+
+def train_state(path: Path) -> dict | None:
+    """The resume position and settings saved in a last.pt (None while it does not exist)."""
+    if not path.is_file():
+        return None
+    ts = torch.load(path, weights_only=True)["train_state"]
+    return {"epoch": ts["epoch"], "updates": ts["updates"], "sg_coef": ts["train_config"]["sg_coef"]}
+
+
+def test_killed_training_resumes_under_dvc_repro(micro_repo):
+    """A settings change starts afresh over the persisted last.pt; a kill keeps the tracked reports and
+    ends the MLflow run as KILLED; `dvc repro` then resumes and gets an uninterrupted run's weights."""
+    root, sh, stages, env = micro_repo
+    repro(sh)  # up to date (after the test above) or a full first run
+    report_before = (root / "reports/metrics/train_tc.json").read_text()
+    set_param(root, "train.sg_coef", 1.0)  # TC only: BC must stay up to date
+    set_param(root, "train.checkpoint_interval", 1)  # speed-only: reruns nothing by itself
+    assert "train@bc" not in sh("dvc", "status", "train@bc")
+    set_param(root, "train.episodes_per_epoch", 48)  # 8 updates an epoch: time to be killed mid-way
+    log_path = root / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["dvc", "repro", "train@tc"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        last = root / "models/tc/last.pt"
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            state = train_state(last)
+            if state and state["sg_coef"] == 1.0 and state["updates"] >= 1:
+                os.killpg(proc.pid, signal.SIGTERM)  # dvc and the stage, as a terminal's kill would
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=120)
+    killed_at = train_state(last)
+    assert proc.returncode != 0 and killed_at["sg_coef"] == 1.0, log_path.read_text()[-3000:]
+    assert "starting afresh" in log_path.read_text()  # the persisted last.pt had sg_coef 2
+    assert killed_at["epoch"] < 2 or killed_at["updates"] < 16, "training ended before the kill"
+    assert (root / "reports/metrics/train_tc.json").read_text() == report_before  # kept, not deleted
+    with sqlite3.connect(root / "mlflow.db") as db:
+        statuses = dict(db.execute("select name, status from runs order by start_time"))
+    assert "RUNNING" not in statuses.values() and statuses["train-tc sg_coef=1"] == "KILLED", statuses
+
+    out = sh("dvc", "repro", "train@tc")
+    assert f"resuming from models/tc/last.pt at epoch {killed_at['epoch'] + 1}, update {killed_at['updates']}" in out
+    sh("python", "stages/train.py", "--params", "params.yaml", "--agent", "tc", "--out", "uninterrupted",
+       "--metrics", "uninterrupted.json", "--history", "uninterrupted.csv")  # fmt: skip
+    resumed = torch.load(last, weights_only=True)["model"]
+    whole = torch.load(root / "uninterrupted/last.pt", weights_only=True)["model"]
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
 def test_paper_params_have_the_same_keys():
@@ -237,8 +281,7 @@ def test_figures_and_report_from_partial_inputs(tmp_path):
            "cognitive": {"5": {"oracle": cell(1.0, 2) | {"mean_length": 40.0}}}}  # fmt: skip
     (metrics_dir / "ood.json").write_text(json.dumps(ood))
     (metrics_dir / "eval.json").write_text(json.dumps({"tc": {"success_rate": 0.5}, "bc": {"success_rate": 0.25}}))
-    safety = {"pickup_balls": {"shown_without": 0.375, "shown_with": 0.0, "event": "pickup|drop:ball"},
-              "fads": {"score": 0.9}}
+    safety = {"pickup_balls": {"shown_without": 0.375, "shown_with": 0.0}, "fads": {"score": 0.9}}
     (metrics_dir / "safety.json").write_text(json.dumps(safety))
 
     paths = write_figures({"tc": plots_dir / "train_tc.csv", "bc": plots_dir / "train_bc.csv"},
@@ -249,7 +292,9 @@ def test_figures_and_report_from_partial_inputs(tmp_path):
     assert not [p for p in figures.iterdir() if p.name.startswith(".")]  # no temp file left
     assert load_history(plots_dir / "train_tc.csv")["val_success"][1] == 0.25
 
-    text = build_report({"demos": {"episodes": 12}, "train": {"sg_coef": 2.0}}, metrics_dir, plots_dir)
+    behaviours = [{"name": "pickup_balls", "thought": "ball", "event": "pickup|drop:ball"}]  # events: from params
+    text = build_report({"demos": {"episodes": 12}, "train": {"sg_coef": 2.0}, "safety": {"behaviours": behaviours}},
+                        metrics_dir, plots_dir)  # fmt: skip
     assert "| TC | 50.0 | 2700 |" in text  # best validation success and where
     assert "train_bc.csv` does not exist" in text and "train_tc.json` does not exist" in text
     assert "| pickup_balls | 0.375 | 0 | pickup\\|drop:ball | 37.1 | 0.53 |" in text  # ours next to the paper's

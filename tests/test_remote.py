@@ -57,7 +57,7 @@ def test_local_folder_remote_round_trip(project, tmp_path):
 
 
 def test_repository_default_remote_is_a_local_folder():
-    """The project itself ships a local-folder default remote (notes/REMOTE.md)."""
+    """The project itself ships a local-folder default remote (README, "Remote storage")."""
     out = subprocess.run([str(BIN / "dvc"), "remote", "list"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[:3] == ["local", str(REPO.parent / "tc-dvc-store"), "(default)"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from tc.evaluate import Episode, Interaction, evaluate
+from tc.evaluate import Interaction, Rollout, evaluate
 from tc.model import Agent, ModelConfig
 from tc.safety import declares, fads, parse_behaviour, parse_behaviours, run_precrime
 
@@ -84,7 +84,7 @@ def test_run_precrime_report():
 
 
 def _episode(thoughts, interactions):
-    return Episode(seed=0, mission="m", actions=[0] * len(thoughts), thoughts=thoughts, interactions=interactions)
+    return Rollout(seed=0, mission="m", actions=[0] * len(thoughts), thoughts=thoughts, interactions=interactions)
 
 
 def test_fads_on_hand_made_traces():

@@ -1,0 +1,167 @@
+"""User errors outside params.yaml (files, flags, input, the tracking store): one line, no traceback."""
+
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from tc import tracking
+from tc.cli import main as tc_main
+from tc.checkpoint import save_checkpoint
+from tc.demos import generate_demos, shard_path
+from tc.model import Agent, ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+LEVEL = "BabyAI-GoToObj-v0"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def demos_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos") / "train"
+    generate_demos(LEVEL, 0, 3, out, noise_rate=0.0, shard_size=2, progress=False)
+    return out
+
+
+def one_line_error(capsys, exit_info, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and all(f in err for f in fragments), err
+    return err
+
+
+def test_corrupt_resume_checkpoint_names_the_file_and_the_way_out(tmp_path, monkeypatch, capsys, stage_main, demos_dir):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["demos"]["level"] = LEVEL
+    params["model"] = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16, "attn_heads": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "models/tc").mkdir(parents=True)
+    (tmp_path / "models/tc/last.pt").write_bytes(b"PK\x03\x04 cut short")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("train")(["--agent", "tc", "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/tc",
+                             "--metrics", "m.json", "--history", "h.csv"])  # fmt: skip
+    err = one_line_error(capsys, exit_info, "models/tc/last.pt is not a readable agent checkpoint",
+                         "delete it or pass --no-resume")
+    assert "weights_only" not in err  # torch's advice would run the file's code
+
+
+def test_truncated_shard_in_tc_show(tmp_path, capsys, demos_dir):
+    copy = tmp_path / "demos"
+    copy.mkdir()
+    for f in demos_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    shard = shard_path(copy, 0)
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        tc_main(["show", str(copy), "0"])
+    one_line_error(capsys, exit_info, "corrupt or truncated shard", "shard-00000.npz")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shard", "3"], "--shard 3: expected i/N with 0 <= i < N"),
+        (["--shard", "4/4"], "--shard 4/4: expected i/N"),
+        (["--merge"], "has no config.json, so no shard was generated there"),
+    ],
+)
+def test_generate_demos_flags(tmp_path, monkeypatch, capsys, stage_main, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("generate_demos")(argv)
+    one_line_error(capsys, exit_info, message)
+    assert not (tmp_path / "data").exists()
+
+
+def test_watch_refuses_an_unknown_format_before_playing(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"--out .*ep\.mp4: unknown format; expected a file ending in \.gif or \.html"):
+        tc_main(["watch", "--mode", "bot", "--level", LEVEL, "--seed", "1", "--out", str(tmp_path / "ep.mp4")])
+    assert capsys.readouterr().out == ""  # no episode was played and printed
+
+
+def test_unknown_level(capsys):
+    with pytest.raises(SystemExit, match="unknown BabyAI level 'BabyAI-GoToObject-v0'.*Did you mean: BabyAI-GoToObj"):
+        tc_main(["watch", "--mode", "bot", "--level", "BabyAI-GoToObject-v0", "--seed", "1"])
+
+
+def test_default_level_is_the_trained_one(monkeypatch, tmp_path):
+    from tc.cli import default_level
+
+    monkeypatch.chdir(tmp_path)
+    assert default_level() == "BabyAI-MiniBossLevel-v0"  # no params.yaml: the shipped default
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"demos": {"level": LEVEL}}))
+    assert default_level() == LEVEL
+
+
+def test_interactive_steering_ends_cleanly_on_eof(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "tc.pt", Agent(ModelConfig(image_dim=16, memory_dim=32, instr_dim=16, attn_heads=2)))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("go to red ball to complete goto mission\n"))  # then EOF
+    tc_main(["steer", "--agent", str(tmp_path / "tc.pt"), "--level", LEVEL, "--seed", "1", "--interactive",
+             "--max-steps", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "input ended: the agent keeps its own thoughts from here on" in out and "after 4 steps" in out
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME", "TC_PIPELINE_RUN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_unusable_store_is_one_line(store):
+    (store / "mlflow.db").write_text("not a database\n" * 100)
+    with pytest.raises(tracking.TrackingUnavailableError) as err:
+        with tracking.start_run("train-tc", {}):
+            pass
+    assert f"MLflow store sqlite:///{store / 'mlflow.db'} cannot take runs" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("how, status", [("sigterm", "KILLED"), ("ctrl-c", "KILLED"), ("error", "FAILED")])
+def test_interrupted_runs_do_not_stay_running(store, how, status):
+    with pytest.raises((KeyboardInterrupt, ValueError)):
+        with tracking.start_run("train-tc", {"train": {"sg_coef": 1.0}}) as run:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt if how == "ctrl-c" else ValueError("a bug")
+    assert mlflow.get_run(run.info.run_id).info.status == status
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+def test_run_name_carries_the_dvc_experiment(store, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "sg-sweep-1")
+    with tracking.start_run("train-tc sg_coef=1", {}) as run:
+        pass
+    assert mlflow.get_run(run.info.run_id).data.tags["mlflow.runName"] == "train-tc sg_coef=1 [sg-sweep-1]"
+
+
+def test_stages_name_a_wrong_or_malformed_input_file(tmp_path, monkeypatch, capsys, stage_main):
+    torch.manual_seed(0)
+    tiny = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16, "attn_heads": 2}
+    save_checkpoint(tmp_path / "bc.pt", Agent(ModelConfig(**tiny, use_thoughts=False)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    with pytest.raises(SystemExit) as exit_info:  # the BC checkpoint given as TC's
+        stage_main("evaluate")(["--tc", "bc.pt", "--bc", "bc.pt"])
+    one_line_error(capsys, exit_info, "bc.pt: mode 'tc' needs a Thought Cloning agent")
+    (tmp_path / "levels.json").write_text("{not json")
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("evaluate_ood")(["--levels", "levels.json", "--tc", "bc.pt", "--bc", "bc.pt"])
+    one_line_error(capsys, exit_info, "levels.json: not valid JSON")
+    (tmp_path / "train_tc.csv").write_text("epoch,frames\n1,100\n")
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("plots")(["--history", "tc=train_tc.csv", "--out", "figures"])
+    one_line_error(capsys, exit_info, "train_tc.csv: history CSV lacks columns ['val_success']")
