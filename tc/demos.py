@@ -23,7 +23,7 @@ import tc
 from tc import vocab
 from tc.envs import check_env_id, make_env, reset_quiet
 from tc.io import atomic_path, write_json_atomic
-from tc.thoughts import THOUGHTS_VERSION, ThoughtBot, random_thought
+from tc.thoughts import THOUGHTS_VERSION, make_bot, random_thought
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -75,14 +75,16 @@ class Demos:
 # -- one episode ------------------------------------------------------------------------
 
 
-def run_episode(level: str, seed: int, noise_rate: float) -> Episode:
+def run_episode(level: str, seed: int, noise_rate: float, bot: str = "minigrid") -> Episode:
     """Run the bot with thoughts (and noise segments) on ``level`` with ``seed``.
 
-    Raises RuntimeError if the bot crashes or the episode does not end in success.
+    ``bot``: "minigrid", "fast" (the same episode, faster) or "check" (both, raising
+    tc.thoughts.BotMismatch at the first step where they differ). Raises RuntimeError
+    if the bot crashes or the episode does not end in success.
     """
     env = make_env(level)
     obs = reset_quiet(env, seed)
-    bot = ThoughtBot(env)
+    expert = make_bot(env, bot)
     # The noise stream is seeded by the episode seed alone, so data never depend on workers.
     rng = np.random.default_rng([seed, 0x7C])
     images, directions, actions, thoughts, noise = [], [], [], [], []
@@ -90,7 +92,7 @@ def run_episode(level: str, seed: int, noise_rate: float) -> Episode:
     last_action = None
     mission = obs["mission"]
     while True:
-        action, thought = bot.step(last_action)
+        action, thought = expert.step(last_action, obs["image"])
         noise_step = 0
         if noise_left == 0 and noise_rate > 0 and rng.random() < noise_rate:
             noise_left = int(rng.integers(1, 6))
