@@ -16,7 +16,7 @@ def main() -> None:
     args = ap.parse_args()
     p = require(load_params(args.params, "demos")["demos"], "demos", {
         "level": str, "episodes": int, "val_episodes": int, "noise_rate": float,
-        "seed": int, "val_seed": int, "shard_size": int, "workers": int,
+        "seed": int, "val_seed": int, "shard_size": int, "workers": int, "bot": str,
     })
     shards = None
     if args.shard:
@@ -29,8 +29,11 @@ def main() -> None:
         if args.merge:
             manifest = write_manifest(out)
         else:
+            # replace_changed: DVC keeps this output between runs (persist) so that an
+            # interrupted run resumes; demos of other settings or versions are regenerated.
             manifest = generate_demos(p["level"], first_seed, episodes, out, noise_rate=p["noise_rate"],
-                                      workers=p["workers"], shard_size=p["shard_size"], shards=shards)
+                                      workers=p["workers"], shard_size=p["shard_size"], shards=shards,
+                                      bot=p["bot"], replace_changed=True)
         if manifest:
             print(f"{out}: {manifest['num_episodes']} episodes, {manifest['num_steps']} steps, "
                   f"{manifest['num_failed']} bot failures, mean length {manifest['length_stats']['mean']:.1f}")

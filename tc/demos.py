@@ -16,6 +16,7 @@ import multiprocessing as mp
 import zipfile
 from pathlib import Path
 
+import minigrid
 import numpy as np
 from tqdm import tqdm
 
@@ -23,7 +24,7 @@ import tc
 from tc import vocab
 from tc.envs import check_env_id, make_env, reset_quiet
 from tc.io import atomic_path, write_json_atomic
-from tc.thoughts import THOUGHTS_VERSION, make_bot, random_thought
+from tc.thoughts import BOTS, THOUGHTS_VERSION, make_bot, random_thought
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -124,12 +125,11 @@ def run_episode(level: str, seed: int, noise_rate: float, bot: str = "minigrid")
     )
 
 
-def _episode_or_failure(args: tuple[str, int, float]) -> Episode | tuple[int, str]:
-    level, seed, noise_rate = args
+def _episode_or_failure(args: tuple[str, int, float, str]) -> Episode | tuple[int, str]:
     try:
-        return run_episode(level, seed, noise_rate)
+        return run_episode(*args)
     except Exception as err:  # the bot's assertions and errors count as failures of that seed
-        return seed, f"{type(err).__name__}: {err}"
+        return args[1], f"{type(err).__name__}: {err}"
 
 
 # -- shards ---------------------------------------------------------------------------
@@ -199,27 +199,42 @@ def generate_demos(
     shard_size: int = 500,
     shards: tuple[int, int] | None = None,
     progress: bool = True,
+    bot: str = "minigrid",
+    replace_changed: bool = False,
 ) -> dict | None:
     """Generate ``episodes`` thought-annotated bot episodes of ``level`` into ``out_dir``.
 
-    Shards already on disk are kept (resume). ``shards=(i, n)`` generates only the shards
-    k with k % n == i (one machine of n) and writes no manifest; run ``write_manifest``
-    once all shards are present. Returns the manifest (None for a partial run).
+    Shards already on disk and made with the same settings and data versions are kept (resume).
+    ``shards=(i, n)`` generates only the shards k with k % n == i (one machine of n) and
+    writes no manifest; run ``write_manifest`` once all shards are present. ``bot``:
+    "minigrid" (the reference) or "fast" (tc.fastbot, the same data faster). A directory
+    made with other settings or versions is refused, or with ``replace_changed`` emptied of
+    its demos and regenerated (for a DVC output that DVC keeps between runs). Returns the
+    manifest (None for a partial run).
     """
     check_env_id(level)
     if episodes <= 0 or shard_size <= 0 or workers <= 0:
         raise ValueError(f"episodes, shard_size and workers must be positive, got {episodes}, {shard_size}, {workers}")
     if not 0.0 <= noise_rate < 1.0:
         raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate}")
+    if bot not in BOTS:
+        raise ValueError(f"bot must be one of {', '.join(BOTS)}, got {bot!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"level": level, "first_seed": first_seed, "episodes": episodes, "noise_rate": noise_rate, "shard_size": shard_size}
-    _check_same_config(out_dir, config)
+    # The bot is not part of the settings: both bots make the same data. The versions are:
+    # shards of another format, vocabulary, thoughts or minigrid are stale.
+    config = {"level": level, "first_seed": first_seed, "episodes": episodes, "noise_rate": noise_rate,
+              "shard_size": shard_size, "format_version": FORMAT_VERSION, "vocab_version": vocab.VOCAB_VERSION,
+              "thoughts_version": THOUGHTS_VERSION, "minigrid_version": minigrid.__version__}
+    _check_same_config(out_dir, config, replace_changed)
     num_shards = -(-episodes // shard_size)
     mine = [k for k in range(num_shards) if shards is None or k % shards[1] == shards[0]]
     todo = []
     for k in mine:
         path = shard_path(out_dir, k)
+        # A write cut short leaves only a temp file (tc.io): never a shard, so remove it.
+        for tmp in out_dir.glob(f".{path.stem}.*.tmp.npz"):
+            tmp.unlink()
         if path.exists():
             try:
                 read_shard(path)
@@ -227,40 +242,45 @@ def generate_demos(
             except DatasetError:
                 path.unlink()  # a damaged leftover is regenerated, never trusted
         todo.append(k)
-    n_todo = sum(min(shard_size, episodes - k * shard_size) for k in todo)
-    bar = tqdm(total=n_todo, desc=f"demos {level}", unit="ep", disable=not progress)
+    bounds = {k: (first_seed + k * shard_size, first_seed + min((k + 1) * shard_size, episodes)) for k in todo}
+    bar = tqdm(total=sum(hi - lo for lo, hi in bounds.values()), desc=f"demos {level}", unit="ep",
+               disable=not progress)
+    # All episodes of all pending shards flow through one pool, in seed order, so no worker
+    # waits for a shard's slowest episode; a shard is written once its last episode is in.
+    tasks = ((level, seed, noise_rate, bot) for lo, hi in bounds.values() for seed in range(lo, hi))
     # fork: workers need no re-import of the caller's __main__ and never touch torch.
-    ctx = mp.get_context("fork") if workers > 1 else None
-    pool = ctx.Pool(workers) if ctx else None
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        for k in todo:
-            lo, hi = first_seed + k * shard_size, first_seed + min((k + 1) * shard_size, episodes)
-            tasks = [(level, seed, noise_rate) for seed in range(lo, hi)]
-            results = []
-            it = pool.imap(_episode_or_failure, tasks, chunksize=4) if pool else map(_episode_or_failure, tasks)
-            for result in it:
-                results.append(result)
+        results = pool.imap(_episode_or_failure, tasks, chunksize=4) if pool else map(_episode_or_failure, tasks)
+        for k, (lo, hi) in bounds.items():
+            shard = []
+            for _ in range(hi - lo):
+                shard.append(next(results))
                 bar.update(1)
-            _write_npz(shard_path(out_dir, k), _shard_arrays(results))
+            _write_npz(shard_path(out_dir, k), _shard_arrays(shard))
     finally:
         bar.close()
         if pool:
-            pool.close()
+            pool.terminate()  # after an error, do not finish the queued episodes first
             pool.join()
     if shards is not None and len(mine) < num_shards:
         return None
     return write_manifest(out_dir, config)
 
 
-def _check_same_config(out_dir: Path, config: dict) -> None:
-    """Refuse to resume into a directory made with other settings (that would mix data)."""
+def _check_same_config(out_dir: Path, config: dict, replace_changed: bool) -> None:
+    """Refuse to resume into a directory made with other settings or versions (that would mix data)."""
     marker = out_dir / "config.json"
     if marker.exists():
         old = json.loads(marker.read_text())
-        if old != config:
+        if old == config:
+            return
+        if not replace_changed:
             raise DatasetError(f"{out_dir} holds demos made with {old}, not {config}: use a fresh directory")
-    else:
-        write_json_atomic(marker, config)
+        print(f"{out_dir} holds demos made with {old}, not {config}: regenerating them")
+        for path in [*out_dir.glob("shard-*.npz"), *out_dir.glob(".shard-*.tmp.npz"), out_dir / MANIFEST]:
+            path.unlink(missing_ok=True)
+    write_json_atomic(marker, config)
 
 
 def write_manifest(out_dir: str | Path, config: dict | None = None) -> dict:
@@ -284,9 +304,6 @@ def write_manifest(out_dir: str | Path, config: dict | None = None) -> dict:
     lengths = np.concatenate(lengths)
     manifest = {
         **config,
-        "format_version": FORMAT_VERSION,
-        "vocab_version": vocab.VOCAB_VERSION,
-        "thoughts_version": THOUGHTS_VERSION,
         "code_version": tc.__version__,
         "vocab": vocab.WORDS,
         "shards": [shard_path(out_dir, k).name for k in range(num_shards)],
