@@ -1,23 +1,26 @@
 """A faster BabyAI expert: minigrid's bot with its hot paths replaced, every decision the same.
 
-Profiled on 50 BossLevel episodes (README, Results), ~80% of the minigrid bot's time is
-``replan``: half of that its breadth-first searches (a list used as a FIFO queue, sliced
-at every pop; ~1.8 searches a step, each started from scratch although the agent, grid
-and memory are the same within a step), a third its visibility update (it rebuilds,
-rotates and re-occludes the agent's 7x7 view, which the environment has just computed for
-the observation). ``FastBot`` keeps minigrid's subgoals and planning logic (it subclasses
-``BabyAIBot``) and replaces only:
+Profiled (cProfile, 50 BossLevel episodes), ~75% of an episode with minigrid's bot is its
+``replan``: over half of that its breadth-first searches (a list used as a FIFO queue and
+sliced at every pop; ~1.8 searches a step, each from scratch although agent, grid and
+memory do not change within a step), a third its visibility update (it rebuilds, rotates
+and re-occludes the agent's 7x7 view, which the environment has just computed for the
+observation), ~5% refreshing every subgoal's copy of the agent's state. ``FastBot`` keeps
+minigrid's subgoals and planning logic (it subclasses ``BabyAIBot``) and replaces only:
 
 - ``_process_obs``: the seen cells are read off the observation image (the environment
-  marks every cell it did not see as "unseen", type 0), mapped to the world with numpy.
-- ``_shortest_path``: one search per step and mode (with / without walking through
-  blockers), shared by every query of that step and expanded only as far as the queries
-  need. It visits cells in exactly the order of minigrid's search (first-in first-out;
-  a cell keeps the parent and heading it was first reached with; neighbours ahead first),
-  so the first accepted cell and its path are the same.
+  encodes every cell it did not see as "unseen", type 0).
+- ``_shortest_path``: one search per step and mode (around / through blockers), shared by
+  every query of that step and grown only as far as the queries need. It reaches cells in
+  exactly the order of minigrid's search (first in, first out; a cell keeps the parent
+  and heading it was first reached with; neighbours ahead first), so the first accepted
+  cell and its path are the same. The two tests minigrid asks most ("is this the target",
+  "is this unseen") are recognised and answered by lookup instead of cell by cell.
+- ``_refresh_subgoals`` (the hook tc.thoughts' traced ``replan`` calls): the agent's state
+  is computed once a step and given to every subgoal.
 
 ``tc.thoughts.ThoughtBot(env, bot="fast")`` runs it with thoughts; ``tc.thoughts.CheckedBot``
-runs both bots side by side and fails on the first step where they differ.
+runs both bots side by side and fails at the first step where they differ.
 """
 
 from __future__ import annotations
@@ -71,19 +74,25 @@ _IS_UNSEEN = _code(lambda self: lambda pos, cell: not self.bot.vis_mask[pos])
 _UNSEEN_NAMES = ("bot", "vis_mask")
 
 
-def _kind(accept_fn, bot) -> str | None:
-    """"target" or "unseen" for the two tests above (on this bot, an in-grid target), else None."""
-    code = accept_fn.__code__
-    if code.co_argcount != 2 or accept_fn.__closure__ is None or len(accept_fn.__closure__) != 1:
+def _target_cell(accept_fn, bot: FastBot) -> int | None:
+    """The flat cell that ``accept_fn`` tests for if it is "pos == target" with an in-grid target."""
+    code, closure = accept_fn.__code__, accept_fn.__closure__
+    if code.co_code != _IS_TARGET or code.co_argcount != 2 or closure is None or len(closure) != 1:
         return None
-    value = accept_fn.__closure__[0].cell_contents
-    if code.co_code == _IS_TARGET:
-        ok = (type(value) is tuple and len(value) == 2 and all(isinstance(v, (int, np.integer)) for v in value)
-              and 0 <= value[0] < bot._width and 0 <= value[1] < len(bot._cells) // bot._width)
-        return "target" if ok else None
-    if code.co_code == _IS_UNSEEN and code.co_names == _UNSEEN_NAMES and getattr(value, "bot", None) is bot:
-        return "unseen"
-    return None
+    target = closure[0].cell_contents
+    # Anything but a pair of in-grid integers compares unequal to every cell (or raises):
+    # leave that to the cell-by-cell test.
+    if type(target) is not tuple or len(target) != 2 or not all(isinstance(v, (int, np.integer)) for v in target):
+        return None
+    x, y = int(target[0]), int(target[1])
+    return y * bot._width + x if 0 <= x < bot._width and 0 <= y < bot._height else None
+
+
+def _tests_unseen(accept_fn, bot: FastBot) -> bool:
+    """Whether ``accept_fn`` is "not bot.vis_mask[pos]" for this bot."""
+    code, closure = accept_fn.__code__, accept_fn.__closure__
+    return (code.co_code == _IS_UNSEEN and code.co_names == _UNSEEN_NAMES and code.co_argcount == 2
+            and closure is not None and len(closure) == 1 and getattr(closure[0].cell_contents, "bot", None) is bot)
 
 
 class _Search:
@@ -111,7 +120,7 @@ class FastBot(BabyAIBot):
         super().__init__(env.unwrapped)
         u = env.unwrapped
         self.image: np.ndarray | None = None
-        self._width = u.width
+        self._width, self._height = u.width, u.height
         # vis_mask stays minigrid's [width, height] boolean array (subgoals index it), as a
         # view of a flat row-major copy that the searches read without numpy indexing.
         self._seen = np.zeros(u.width * u.height, dtype=bool)
@@ -156,7 +165,7 @@ class FastBot(BabyAIBot):
                 first = self._searches[False]
                 starts = [(p, 0) for p in first.order]
             else:
-                u = self.mission.unwrapped
+                u = self.mission
                 starts = [(u.agent_pos[1] * self._width + u.agent_pos[0], u.agent_dir)]
             search = self._searches[through_blockers] = _Search(starts, through_blockers)
         return search
@@ -191,12 +200,11 @@ class FastBot(BabyAIBot):
     def _first(self, search: _Search, accept_fn) -> int | None:
         """The first cell of ``search`` for which ``accept_fn(pos, cell)`` holds, growing it as needed."""
         order, parent = search.order, search.parent
-        kind = _kind(accept_fn, self)
-        if kind == "target":
-            (x, y), = (cell.cell_contents for cell in accept_fn.__closure__)
-            q = int(y) * self._width + int(x)
-            self._grow(search, until_cell=q, until_size=len(self._cells))
-            return q if q in parent else None
+        target = _target_cell(accept_fn, self)
+        if target is not None:  # the only cell it accepts: the first one if it is ever reached
+            self._grow(search, until_cell=target, until_size=len(self._cells))
+            return target if target in parent else None
+        unseen = _tests_unseen(accept_fn, self)
         vis, cells, xy = self._vis, self._cells, self._xy
         k = 0
         while True:
@@ -205,7 +213,7 @@ class FastBot(BabyAIBot):
                 if k >= len(order):
                     return None
             p = order[k]
-            if (not vis[p]) if kind == "unseen" else accept_fn(xy[p], cells[p]):
+            if (not vis[p]) if unseen else accept_fn(xy[p], cells[p]):
                 return p
             k += 1
 
