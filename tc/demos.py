@@ -275,9 +275,10 @@ def _check_same_config(out_dir: Path, config: dict, replace_changed: bool) -> No
         old = json.loads(marker.read_text())
         if old == config:
             return
+        changed = ", ".join(f"{k} {old.get(k)} -> {config.get(k)}" for k in sorted({*old, *config}) if old.get(k) != config.get(k))
         if not replace_changed:
-            raise DatasetError(f"{out_dir} holds demos made with {old}, not {config}: use a fresh directory")
-        print(f"{out_dir} holds demos made with {old}, not {config}: regenerating them")
+            raise DatasetError(f"{out_dir} holds demos made with other settings ({changed}): use a fresh directory")
+        print(f"{out_dir} holds demos made with other settings ({changed}): regenerating them")
         for path in [*out_dir.glob("shard-*.npz"), *out_dir.glob(".shard-*.tmp.npz"), out_dir / MANIFEST]:
             path.unlink(missing_ok=True)
     write_json_atomic(marker, config)
