@@ -81,7 +81,11 @@ def random_thought(rng: np.random.Generator) -> str:
 
 
 class _Tracing:
-    """Mixin for a BabyAIBot: records for each subgoal its parent and its mission instruction."""
+    """Mixin for a BabyAIBot: records for each subgoal its parent and its mission instruction.
+
+    The bot class it is mixed into provides ``_refresh_subgoals`` (every subgoal's
+    ``update_agent_attributes``, done at each step), which the fast bot does faster.
+    """
 
     def __init__(self, env):
         self.found: dict[int, WorldObj | None] = {}  # id(ObjDesc) -> object the bot last chose
