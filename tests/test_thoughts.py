@@ -9,7 +9,7 @@ import tc.fastbot
 from tc import vocab
 from tc.demos import run_episode
 from tc.envs import babyai_ids, make_env, reset_quiet
-from tc.thoughts import TEMPLATES, BotMismatch, ThoughtBot, random_thought
+from tc.thoughts import TEMPLATES, BotMismatch, CheckedBot, ThoughtBot, random_thought
 
 
 def run_bot(level: str, seed: int) -> tuple[list[str], bool]:
@@ -107,6 +107,22 @@ def test_fast_bot_acts_and_thinks_as_minigrids_on_every_level():
     checked = [(level, seed) for level in babyai_ids() for seed in range(2)]
     checked += [("BabyAI-BossLevel-v0", seed) for seed in range(100, 110)]
     assert [c for c in checked if not _identical(*c, noise_rate=0.1)] == []
+
+
+def test_fast_bot_remembers_the_same_cells():
+    # The fast bot reads what it saw off the observation; minigrid's recomputes the view.
+    for seed in range(3):
+        env = make_env("BabyAI-BossLevel-v0")
+        obs = reset_quiet(env, seed)
+        both, last, steps = CheckedBot(env), None, 0
+        while True:
+            last, _ = both.step(last, obs["image"])
+            assert np.array_equal(both.reference.bot.vis_mask, both.fast.bot.vis_mask), (seed, steps)
+            obs, _, terminated, truncated, _ = env.step(last)
+            steps += 1
+            if terminated or truncated:
+                break
+        assert both.fast.bot.vis_mask.sum() > 49  # it did explore beyond the first view
 
 
 def test_the_identity_check_catches_another_plan(monkeypatch):
