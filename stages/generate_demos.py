@@ -45,8 +45,6 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         _, c = load_configs(args.params, demos=DemosConfig)
         p = c.demos
-        if p.bot != "minigrid":
-            raise UserError(f"{args.params}: demos.bot = {p.bot!r} is not available in this version; use minigrid")
         shards = parse_shard(args.shard) if args.shard else None
         splits = [(args.train_out, p.seed, p.episodes), (args.val_out, p.val_seed, p.val_episodes)]
         for out, first_seed, episodes in splits:
@@ -65,7 +63,7 @@ def generate(p: DemosConfig, out: str, first_seed: int, episodes: int, shards: t
     (``code``: tc.provenance) is emptied first; without, other settings are refused.
     """
     make = partial(generate_demos, p.level, first_seed, episodes, out, noise_rate=p.noise_rate, workers=p.workers,
-                   shard_size=p.shard_size, shards=shards)  # fmt: skip
+                   shard_size=p.shard_size, shards=shards, bot=p.bot)  # fmt: skip
     if restart_if_changed and Path(out).exists() and recorded_digest(out) != code:
         print(f"starting {out} afresh: its demos were made by other code (the stage or a tc module changed since)")
         shutil.rmtree(out)
@@ -79,6 +77,7 @@ def generate(p: DemosConfig, out: str, first_seed: int, episodes: int, shards: t
     shutil.rmtree(out)
     record_digest(out, code)
     return make()
+
 
 def merge(out: str) -> dict:
     """The manifest of ``out`` once every machine's shards (and config.json) were copied into it."""

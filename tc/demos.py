@@ -16,6 +16,7 @@ import multiprocessing as mp
 import zipfile
 from pathlib import Path
 
+import minigrid
 import numpy as np
 from tqdm import tqdm
 
@@ -24,7 +25,7 @@ from tc import vocab
 from tc.envs import ACTION_NAMES, check_env_id, make_env, reset_quiet
 from tc.io import atomic_path, write_json_atomic
 from tc.params import UserError, check_fields, param
-from tc.thoughts import THOUGHTS_VERSION, ThoughtBot, random_thought
+from tc.thoughts import BOTS, THOUGHTS_VERSION, make_bot, random_thought
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -46,7 +47,8 @@ class DemosConfig:
     val_seed: int = param(100_000_000, ge=0)  # first validation seed
     shard_size: int = param(250, ge=1)  # episodes per .npz shard
     workers: int = param(2, ge=1, speed=True)  # processes; the data do not depend on it
-    bot: str = param("minigrid", choices=("minigrid", "fast"))  # the expert that plays the demos
+    # The expert playing the demos: fast (tc/fastbot.py) or minigrid's bot (the reference); the same data.
+    bot: str = param("fast", choices=("minigrid", "fast"), speed=True)
 
     def __post_init__(self):
         check_fields(self, "demos")
@@ -101,14 +103,16 @@ class Demos:
 # -- one episode ------------------------------------------------------------------------
 
 
-def run_episode(level: str, seed: int, noise_rate: float) -> Episode:
+def run_episode(level: str, seed: int, noise_rate: float, bot: str = "minigrid") -> Episode:
     """Run the bot with thoughts (and noise segments) on ``level`` with ``seed``.
 
-    Raises RuntimeError if the bot crashes or the episode does not end in success.
+    ``bot``: "minigrid", "fast" (the same episode, faster) or "check" (both, raising
+    tc.thoughts.BotMismatch at the first step where they differ). Raises RuntimeError
+    if the bot crashes or the episode does not end in success.
     """
     env = make_env(level)
     obs = reset_quiet(env, seed)
-    bot = ThoughtBot(env)
+    expert = make_bot(env, bot)
     # The noise stream is seeded by the episode seed alone, so data never depend on workers.
     rng = np.random.default_rng([seed, 0x7C])
     images, directions, actions, thoughts, noise = [], [], [], [], []
@@ -116,7 +120,7 @@ def run_episode(level: str, seed: int, noise_rate: float) -> Episode:
     last_action = None
     mission = obs["mission"]
     while True:
-        action, thought = bot.step(last_action)
+        action, thought = expert.step(last_action, obs["image"])
         noise_step = 0
         if noise_left == 0 and noise_rate > 0 and rng.random() < noise_rate:
             noise_left = int(rng.integers(1, 6))
@@ -148,12 +152,11 @@ def run_episode(level: str, seed: int, noise_rate: float) -> Episode:
     )
 
 
-def _episode_or_failure(args: tuple[str, int, float]) -> Episode | tuple[int, str]:
-    level, seed, noise_rate = args
+def _episode_or_failure(args: tuple[str, int, float, str]) -> Episode | tuple[int, str]:
     try:
-        return run_episode(level, seed, noise_rate)
+        return run_episode(*args)
     except Exception as err:  # the bot's assertions and errors count as failures of that seed
-        return seed, f"{type(err).__name__}: {err}"
+        return args[1], f"{type(err).__name__}: {err}"
 
 
 # -- shards ---------------------------------------------------------------------------
@@ -223,27 +226,40 @@ def generate_demos(
     shard_size: int = 500,
     shards: tuple[int, int] | None = None,
     progress: bool = True,
+    bot: str = "minigrid",
 ) -> dict | None:
     """Generate ``episodes`` thought-annotated bot episodes of ``level`` into ``out_dir``.
 
-    Shards already on disk are kept (resume). ``shards=(i, n)`` generates only the shards
-    k with k % n == i (one machine of n) and writes no manifest; run ``write_manifest``
-    once all shards are present. Returns the manifest (None for a partial run).
+    Shards already on disk and made with the same settings and data versions are kept (resume).
+    ``shards=(i, n)`` generates only the shards k with k % n == i (one machine of n) and
+    writes no manifest; run ``write_manifest`` once all shards are present. ``bot``:
+    "minigrid" (the reference) or "fast" (tc.fastbot, the same data faster). A directory
+    made with other settings or versions is refused (SettingsMismatch; the stage may empty
+    it and start afresh). Returns the manifest (None for a partial run).
     """
     check_env_id(level)
     if episodes <= 0 or shard_size <= 0 or workers <= 0:
         raise ValueError(f"episodes, shard_size and workers must be positive, got {episodes}, {shard_size}, {workers}")
     if not 0.0 <= noise_rate < 1.0:
         raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate}")
+    if bot not in BOTS:
+        raise ValueError(f"bot must be one of {', '.join(BOTS)}, got {bot!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"level": level, "first_seed": first_seed, "episodes": episodes, "noise_rate": noise_rate, "shard_size": shard_size}
+    # The bot is not part of the settings: both bots make the same data. The versions are:
+    # shards of another format, vocabulary, thoughts or minigrid are stale.
+    config = {"level": level, "first_seed": first_seed, "episodes": episodes, "noise_rate": noise_rate,
+              "shard_size": shard_size, "format_version": FORMAT_VERSION, "vocab_version": vocab.VOCAB_VERSION,
+              "thoughts_version": THOUGHTS_VERSION, "minigrid_version": minigrid.__version__}
     _check_same_config(out_dir, config)
     num_shards = -(-episodes // shard_size)
     mine = [k for k in range(num_shards) if shards is None or k % shards[1] == shards[0]]
     todo = []
     for k in mine:
         path = shard_path(out_dir, k)
+        # A write cut short leaves only a temp file (tc.io): never a shard, so remove it.
+        for tmp in out_dir.glob(f".{path.stem}.*.tmp.npz"):
+            tmp.unlink()
         if path.exists():
             try:
                 read_shard(path)
@@ -251,25 +267,26 @@ def generate_demos(
             except DatasetError:
                 path.unlink()  # a damaged leftover is regenerated, never trusted
         todo.append(k)
-    n_todo = sum(min(shard_size, episodes - k * shard_size) for k in todo)
-    bar = tqdm(total=n_todo, desc=f"demos {level}", unit="ep", disable=not progress)
+    bounds = {k: (first_seed + k * shard_size, first_seed + min((k + 1) * shard_size, episodes)) for k in todo}
+    bar = tqdm(total=sum(hi - lo for lo, hi in bounds.values()), desc=f"demos {level}", unit="ep",
+               disable=not progress)
+    # All episodes of all pending shards flow through one pool, in seed order, so no worker
+    # waits for a shard's slowest episode; a shard is written once its last episode is in.
+    tasks = ((level, seed, noise_rate, bot) for lo, hi in bounds.values() for seed in range(lo, hi))
     # fork: workers need no re-import of the caller's __main__ and never touch torch.
-    ctx = mp.get_context("fork") if workers > 1 else None
-    pool = ctx.Pool(workers) if ctx else None
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        for k in todo:
-            lo, hi = first_seed + k * shard_size, first_seed + min((k + 1) * shard_size, episodes)
-            tasks = [(level, seed, noise_rate) for seed in range(lo, hi)]
-            results = []
-            it = pool.imap(_episode_or_failure, tasks, chunksize=4) if pool else map(_episode_or_failure, tasks)
-            for result in it:
-                results.append(result)
+        results = pool.imap(_episode_or_failure, tasks, chunksize=4) if pool else map(_episode_or_failure, tasks)
+        for k, (lo, hi) in bounds.items():
+            shard = []
+            for _ in range(hi - lo):
+                shard.append(next(results))
                 bar.update(1)
-            _write_npz(shard_path(out_dir, k), _shard_arrays(results))
+            _write_npz(shard_path(out_dir, k), _shard_arrays(shard))
     finally:
         bar.close()
         if pool:
-            pool.close()
+            pool.terminate()  # after an error, do not finish the queued episodes first
             pool.join()
     if shards is not None and len(mine) < num_shards:
         return None
@@ -277,12 +294,14 @@ def generate_demos(
 
 
 def _check_same_config(out_dir: Path, config: dict) -> None:
-    """Refuse to resume into a directory made with other settings (that would mix data)."""
+    """Refuse to resume into a directory made with other settings or versions (that would mix data)."""
     marker = out_dir / "config.json"
     if marker.exists():
         old = json.loads(marker.read_text())
         if old != config:
-            raise SettingsMismatch(f"{out_dir} holds demos made with {old}, not {config}: use a fresh directory")
+            changed = ", ".join(f"{k} {old.get(k)} -> {config.get(k)}" for k in sorted({*old, *config})
+                                if old.get(k) != config.get(k))
+            raise SettingsMismatch(f"{out_dir} holds demos made with other settings ({changed}): use a fresh directory")
     else:
         write_json_atomic(marker, config)
 
@@ -308,9 +327,6 @@ def write_manifest(out_dir: str | Path, config: dict | None = None) -> dict:
     lengths = np.concatenate(lengths)
     manifest = {
         **config,
-        "format_version": FORMAT_VERSION,
-        "vocab_version": vocab.VOCAB_VERSION,
-        "thoughts_version": THOUGHTS_VERSION,
         "code_version": tc.__version__,
         "vocab": vocab.WORDS,
         "shards": [shard_path(out_dir, k).name for k in range(num_shards)],

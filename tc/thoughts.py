@@ -30,6 +30,7 @@ from minigrid.utils.baby_ai_bot import (
     PickupSubgoal,
 )
 
+from tc.fastbot import FastBot
 from tc.vocab import COLORS, OBJECT_TYPES
 
 THOUGHTS_VERSION = 1
@@ -79,8 +80,12 @@ def random_thought(rng: np.random.Generator) -> str:
     )
 
 
-class _TracingBot(BabyAIBot):
-    """The minigrid bot, recording for each subgoal its parent and its mission instruction."""
+class _Tracing:
+    """Mixin for a BabyAIBot: records for each subgoal its parent and its mission instruction.
+
+    The bot class it is mixed into provides ``_refresh_subgoals`` (every subgoal's
+    ``update_agent_attributes``, done at each step), which the fast bot does faster.
+    """
 
     def __init__(self, env):
         self.found: dict[int, WorldObj | None] = {}  # id(ObjDesc) -> object the bot last chose
@@ -118,8 +123,7 @@ class _TracingBot(BabyAIBot):
         # Same steps as BabyAIBot.replan, with each subgoal call traced.
         self._process_obs()
         self._check_erroneous_box_opening(action_taken)
-        for subgoal in self.stack:
-            subgoal.update_agent_attributes()
+        self._refresh_subgoals()
         if self.stack:
             self._traced(self.stack[-1], "replan_after_action", action_taken)
         while self.stack and self.stack[-1].is_exploratory():
@@ -135,21 +139,46 @@ class _TracingBot(BabyAIBot):
         return action
 
 
+class _TracingBot(_Tracing, BabyAIBot):
+    """minigrid's bot, traced: the reference."""
+
+    def _refresh_subgoals(self):
+        for subgoal in self.stack:
+            subgoal.update_agent_attributes()
+
+
+class _FastTracingBot(_Tracing, FastBot):
+    """Our faster bot (tc.fastbot), traced: the same actions and thoughts."""
+
+
+BOTS = {"minigrid": _TracingBot, "fast": _FastTracingBot}
+
+
+class BotMismatch(AssertionError):
+    """The fast bot and minigrid's disagreed (action, thought or failure) at some step."""
+
+
 class ThoughtBot:
     """The expert bot that also says what it is doing.
 
-    ``step(last_action)`` returns ``(action, thought)``; pass the action actually taken at
-    the previous step (None at the first), which may differ from the advice (noise).
+    ``step(last_action, image)`` returns ``(action, thought)``; pass the action actually
+    taken at the previous step (None at the first), which may differ from the advice
+    (noise), and the current observation's image if at hand (the fast bot then need not
+    recompute the agent's view). ``bot`` is "minigrid" (the reference) or "fast" (tc.fastbot).
     """
 
-    def __init__(self, env):
+    def __init__(self, env, bot: str = "minigrid"):
+        if bot not in BOTS:
+            raise ValueError(f"unknown bot {bot!r}: expected one of {', '.join(BOTS)}")
         self.env = env.unwrapped
-        self.bot = _TracingBot(env)
+        self.bot = BOTS[bot](env)
         self.thought = "explore unseen area"
         self.temp_dropped: set[int] = set()  # ids of objects put down to be picked up again
         self.blockers: set[int] = set()      # ids of objects moved out of the way
 
-    def step(self, last_action: int | None) -> tuple[int, str]:
+    def step(self, last_action: int | None, image: np.ndarray | None = None) -> tuple[int, str]:
+        if image is not None and isinstance(self.bot, FastBot):
+            self.bot.image = image
         action = int(self.bot.replan(last_action))
         thought = self._read_stack()
         if thought is not None:  # keep the last thought when the stack says nothing new
@@ -249,3 +278,41 @@ class ThoughtBot:
         if isinstance(sg.tc_parent, ExploreSubgoal):
             return "to explore"
         return "to go through"
+
+
+class CheckedBot:
+    """minigrid's bot and the fast one side by side on the same env, for checking identity.
+
+    ``step`` is ThoughtBot's; it raises BotMismatch at the first step where the two bots
+    differ in action, thought, or the error they fail with (an error both raise is re-raised).
+    """
+
+    def __init__(self, env):
+        self.reference, self.fast = ThoughtBot(env, "minigrid"), ThoughtBot(env, "fast")
+        self.t = 0
+
+    def step(self, last_action: int | None, image: np.ndarray | None = None) -> tuple[int, str]:
+        ref, ref_err = _outcome(self.reference.step, last_action)
+        fast, fast_err = _outcome(self.fast.step, last_action, image)
+        if ref != fast or _describe(ref_err) != _describe(fast_err):
+            raise BotMismatch(f"step {self.t}: minigrid {ref or _describe(ref_err)}, fast {fast or _describe(fast_err)}")
+        if ref_err is not None:
+            raise ref_err
+        self.t += 1
+        return ref
+
+
+def make_bot(env, bot: str) -> ThoughtBot | CheckedBot:
+    """A thought bot: "minigrid", "fast", or "check" (both, compared at every step)."""
+    return CheckedBot(env) if bot == "check" else ThoughtBot(env, bot)
+
+
+def _outcome(step, *args) -> tuple[tuple[int, str] | None, Exception | None]:
+    try:
+        return step(*args), None
+    except Exception as err:  # the bot's assertions and errors are part of its behaviour
+        return None, err
+
+
+def _describe(err: Exception | None) -> str | None:
+    return None if err is None else f"{type(err).__name__}: {err}"
