@@ -76,7 +76,7 @@ class TrainConfig:
     checkpoint_interval: int = param(50, ge=1, speed=True)  # updates between resume checkpoints (plus every epoch end)
     device: str = param("auto", choices=("auto", "cpu", "cuda"), speed=True)
     threads: int = param(1, ge=0, speed=True)  # torch intra-op threads on CPU (0: torch's default); see params.yaml
-    amp: bool = param(True)  # bfloat16 autocast, on CUDA only
+    amp: bool = param(False)  # bfloat16 autocast, on CUDA only (measured slower than fp32 on an H100)
     nproc: int = param(1, ge=1, speed=True)  # data-parallel processes (stages/train.py starts torchrun when > 1)
 
     def __post_init__(self):

@@ -1,0 +1,53 @@
+"""The CUDA code path (fp32 and bfloat16 autocast) against the CPU eager result; skipped without CUDA."""
+
+
+import numpy as np
+import pytest
+import torch
+
+from tc.demos import generate_demos, load_demos
+from tc.model import Agent, ModelConfig
+from tc.train import TrainConfig, loss_scale, make_batch, run_batch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+MODEL = ModelConfig(image_dim=16, memory_dim=32, instr_dim=16, dropout=0.0, attn_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos") / "goto"
+    generate_demos("BabyAI-GoToLocal-v0", 0, 6, out, noise_rate=0.0, progress=False)
+    return load_demos(out)
+
+
+def gradients(device: str, demos, true_thoughts: bool, amp: bool) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    agent = Agent(MODEL).to(device).train()
+    cfg = TrainConfig(batch_size=6, recurrence=5, device=device.split(":")[0], amp=amp)
+    batch = make_batch(demos, np.arange(6), torch.device(device))
+    sums = run_batch(agent, batch, cfg, true_thoughts, amp, loss_scale(demos, cfg))
+    return sums, {n: p.grad.detach().cpu() for n, p in agent.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("true_thoughts", [True, False], ids=["teacher_forced", "free_running"])
+def test_cuda_fp32_equals_cpu(demos, true_thoughts):
+    cpu_sums, cpu_grads = gradients("cpu", demos, true_thoughts, False)
+    gpu_sums, gpu_grads = gradients("cuda", demos, true_thoughts, False)
+    for k in cpu_sums:
+        assert gpu_sums[k] == pytest.approx(cpu_sums[k], rel=1e-4, abs=1e-4), k
+    assert cpu_grads.keys() == gpu_grads.keys()
+    for name in cpu_grads:
+        torch.testing.assert_close(gpu_grads[name], cpu_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_cuda_autocast_is_close_to_fp32(demos):
+    fp32_sums, fp32_grads = gradients("cuda", demos, True, False)
+    amp_sums, amp_grads = gradients("cuda", demos, True, True)
+    assert amp_sums["action_nll"] == pytest.approx(fp32_sums["action_nll"], rel=0.05)
+    assert amp_sums["thought_nll"] == pytest.approx(fp32_sums["thought_nll"], rel=0.05)
+    for name, g in amp_grads.items():
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
+    cosine = torch.nn.functional.cosine_similarity(flat(amp_grads), flat(fp32_grads), dim=0)
+    assert cosine > 0.99, cosine
