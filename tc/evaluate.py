@@ -19,6 +19,7 @@ episodes share its batch or on the batch size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -353,14 +354,25 @@ class EvaluateConfig:
         return device
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sound near 0 and 1, unlike the normal one)."""
+    p, z2 = successes / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def summarize(episodes: list[Rollout]) -> dict:
-    """Success rate, mean return, mean length (steps), halted episodes (intervention) and the
-    times an oracle bot could not follow the agent and a new one planned from where it was."""
+    """Success rate with its 95% (Wilson) interval, mean return, mean length (steps), halted
+    episodes (intervention) and the times an oracle bot could not follow the agent and a new
+    one planned from where it was."""
     n = len(episodes)
     mean = (lambda xs: float(np.mean(xs))) if n else (lambda xs: None)  # an empty OOD bin: null
+    low, high = wilson_interval(sum(e.success for e in episodes), n) if n else (None, None)
     return {
         "episodes": n,
         "success_rate": mean([e.success for e in episodes]),
+        "success_ci_low": low,
+        "success_ci_high": high,
         "mean_return": mean([e.reward for e in episodes]),
         "mean_length": mean([e.length for e in episodes]),
         "halted": sum(e.halted for e in episodes),
