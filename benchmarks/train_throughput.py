@@ -85,8 +85,24 @@ def run_public(public: Path, device: str, batch_size: int, amp: bool, updates: i
            "--json", str(out)] + ([] if amp else ["--no-amp"])
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=public.parent)
     res = json.loads(out.read_text())
-    return {"impl": "public", "agent": "tc", "batch": batch_size, "amp": amp, **res,
+    res["public_impl"] = res.pop("impl", None)  # our "impl" key names the side of the comparison
+    return {**res, "impl": "public", "agent": "tc", "batch": batch_size, "amp": amp,
             "peak_memory_gb": res["peak_memory_mib"] * 2**20 / 1e9}
+
+
+def ratios(results: list[dict], device: str) -> dict:
+    """``ratio_vs_public`` and ``amp_vs_fp32`` of TC at the device's key batch (each side at its fastest setting)."""
+
+    def best(impl: str, batch: int, amp: bool | None = None) -> float | None:
+        rates = [r["frames_per_s"] for r in results if r["impl"] == impl and r["agent"] == "tc" and r["batch"] == batch
+                 and (amp is None or r["amp"] == amp)]
+        return max(rates) if rates else None
+
+    batch = 16 if device == "cpu" else 180
+    ours, theirs = best("ours", batch), best("public", batch)
+    fp32, amp = best("ours", batch, False), best("ours", batch, True)
+    return {"ratio_vs_public": ours / theirs if ours and theirs else None,
+            "amp_vs_fp32": amp / fp32 if amp and fp32 else None, "ratio_batch": batch}
 
 
 def main() -> None:
@@ -143,21 +159,11 @@ def main() -> None:
                           flush=True)
         load_after = os.getloadavg()
 
-    def best(impl: str, batch: int, amp: bool | None = None) -> float | None:
-        rates = [r["frames_per_s"] for r in results if r["impl"] == impl and r["agent"] == "tc" and r["batch"] == batch
-                 and (amp is None or r["amp"] == amp)]
-        return max(rates) if rates else None
-
-    key_batch = 16 if args.device == "cpu" else 180
-    ours, theirs = best("ours", key_batch), best("public", key_batch)
-    fp32, amp = best("ours", key_batch, False), best("ours", key_batch, True)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     report = {
         "benchmark": "train_throughput",
         "device": f"{args.device}: {device_name}, {os.cpu_count()} cores",
-        "ratio_vs_public": ours / theirs if ours and theirs else None,
-        "amp_vs_fp32": amp / fp32 if amp and fp32 else None,
-        "ratio_batch": key_batch,
+        **ratios(results, args.device),
         "torch": torch.__version__,
         "load_average_before": load_before,
         "load_average_after": load_after,
