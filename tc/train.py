@@ -197,7 +197,7 @@ def loss_terms(out: AgentOutput, actions: torch.Tensor, thoughts: torch.Tensor) 
     """
     logp = out.logits.float().log_softmax(1)
     terms = {
-        "frames": torch.tensor(float(actions.shape[0])),
+        "frames": logp.new_tensor(float(actions.shape[0])),
         "action_nll": -logp.gather(1, actions[:, None]).sum(),
         "entropy": -(logp.exp() * logp).sum(),
         "action_correct": (logp.argmax(1) == actions).sum(),
@@ -207,7 +207,7 @@ def loss_terms(out: AgentOutput, actions: torch.Tensor, thoughts: torch.Tensor) 
     if out.thought_logits is not None:
         words = thoughts[thoughts != vocab.PAD]  # the words and <eos>, in the order of thought_logits
         word_logits = out.thought_logits.float()
-        terms.update(thought_tokens=torch.tensor(float(words.numel())),
+        terms.update(thought_tokens=logp.new_tensor(float(words.numel())),
                      thought_nll=F.cross_entropy(word_logits, words, reduction="sum"),
                      thought_correct=(word_logits.argmax(1) == words).sum())
     return terms
@@ -267,7 +267,7 @@ def run_batch(
         terms = loss_terms(out, actions, thoughts)
         if scale is not None:
             objective(terms, cfg, scale).backward()
-        values = torch.stack([terms[k].detach().float().cpu() for k in STAT_KEYS]).tolist()  # one device sync
+        values = torch.stack([terms[k].detach().float() for k in STAT_KEYS]).tolist()  # one device sync
         sums = {k: sums[k] + v for k, v in zip(STAT_KEYS, values)}
         state = {k: v.detach() for k, v in out.state.items()}
     return sums
