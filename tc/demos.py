@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import tc
-from tc import vocab
+from tc import fastobs, vocab
 from tc.envs import ACTION_NAMES, check_env_id, make_env, reset_quiet
 from tc.io import atomic_path, write_json_atomic
 from tc.params import UserError, check_fields, param
@@ -106,11 +106,14 @@ class Demos:
 def run_episode(level: str, seed: int, noise_rate: float, bot: str = "minigrid") -> Episode:
     """Run the bot with thoughts (and noise segments) on ``level`` with ``seed``.
 
-    ``bot``: "minigrid", "fast" (the same episode, faster) or "check" (both, raising
-    tc.thoughts.BotMismatch at the first step where they differ). Raises RuntimeError
+    ``bot``: "minigrid", "fast" (the same episode, faster: tc.fastbot, tc.fastobs) or
+    "check" (both, raising tc.thoughts.BotMismatch at the first step where they, or the
+    two observations, differ). Raises RuntimeError
     if the bot crashes or the episode does not end in success.
     """
     env = make_env(level)
+    if bot != "minigrid":  # the fast path computes the observations too
+        fastobs.install(env, check=bot == "check")
     obs = reset_quiet(env, seed)
     expert = make_bot(env, bot)
     # The noise stream is seeded by the episode seed alone, so data never depend on workers.

@@ -47,18 +47,21 @@ _TURN_ORDER = [_turn_order(d) for d in range(4)]
 
 
 @functools.lru_cache(maxsize=None)
-def _view_cells(width: int, height: int, size: int, x: int, y: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """The agent's view cells inside the grid, as (index in the flattened view, flat world cell).
+def view_cells(width: int, height: int, size: int, x: int, y: int, d: int) -> tuple[int, ...]:
+    """The flat world cell (y * width + x) of every view cell, -1 outside the grid.
 
-    Mapped as minigrid's bot maps them: view cell (i, j) lies (size - 1 - j) cells ahead of
-    the agent at (x, y) heading ``d`` and (i - size // 2) to its right.
+    In the image's order (view cell (i, j) at index i * size + j). The agent at (x, y)
+    heading ``d`` stands at view cell (size // 2, size - 1), facing up: view cell (i, j)
+    lies (size - 1 - j) cells ahead of it and (i - size // 2) to its right.
     """
-    i, j = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
-    ahead, right = size - 1 - j, i - size // 2
-    (fx, fy), (rx, ry) = DIR_TO_VEC[d], (-DIR_TO_VEC[d][1], DIR_TO_VEC[d][0])
-    wx, wy = (x + fx * ahead + rx * right).ravel(), (y + fy * ahead + ry * right).ravel()
-    inside = (wx >= 0) & (wx < width) & (wy >= 0) & (wy < height)
-    return np.flatnonzero(inside), (wy * width + wx)[inside]
+    (fx, fy), (rx, ry) = (int(v) for v in DIR_TO_VEC[d]), (-int(DIR_TO_VEC[d][1]), int(DIR_TO_VEC[d][0]))
+    cells = []
+    for i in range(size):
+        for j in range(size):
+            ahead, right = size - 1 - j, i - size // 2
+            wx, wy = x + fx * ahead + rx * right, y + fy * ahead + ry * right
+            cells.append(wy * width + wx if 0 <= wx < width and 0 <= wy < height else -1)
+    return tuple(cells)
 
 
 def _code(make) -> bytes:
@@ -93,6 +96,10 @@ def _tests_unseen(accept_fn, bot: FastBot) -> bool:
     code, closure = accept_fn.__code__, accept_fn.__closure__
     return (code.co_code == _IS_UNSEEN and code.co_names == _UNSEEN_NAMES and code.co_argcount == 2
             and closure is not None and len(closure) == 1 and getattr(closure[0].cell_contents, "bot", None) is bot)
+
+
+class BotMismatch(AssertionError):
+    """The fast path (bot or observation) and minigrid's disagreed at some step."""
 
 
 class _Search:
@@ -134,10 +141,11 @@ class FastBot(BabyAIBot):
         u = self.mission
         image = u.gen_obs()["image"] if self.image is None else self.image
         self.image = None
-        view, world = _view_cells(u.width, u.height, u.agent_view_size, *u.agent_pos, u.agent_dir)
-        seen = world[image.reshape(-1, 3)[view, 0] != 0]
+        x, y = u.agent_pos
+        world = view_cells(u.width, u.height, u.agent_view_size, int(x), int(y), u.agent_dir)
+        seen = [w for w, kind in zip(world, image[:, :, 0].ravel().tolist()) if kind != 0 and w >= 0]
         self._seen[seen] = True
-        for p in seen.tolist():
+        for p in seen:
             self._vis[p] = True
         # A new step: the agent, grid or memory may have changed, so searches start afresh.
         self._searches.clear()

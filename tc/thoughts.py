@@ -30,7 +30,7 @@ from minigrid.utils.baby_ai_bot import (
     PickupSubgoal,
 )
 
-from tc.fastbot import FastBot
+from tc.fastbot import BotMismatch, FastBot
 from tc.vocab import COLORS, OBJECT_TYPES
 
 THOUGHTS_VERSION = 1
@@ -152,10 +152,6 @@ class _FastTracingBot(_Tracing, FastBot):
 
 
 BOTS = {"minigrid": _TracingBot, "fast": _FastTracingBot}
-
-
-class BotMismatch(AssertionError):
-    """The fast bot and minigrid's disagreed (action, thought or failure) at some step."""
 
 
 class ThoughtBot:
