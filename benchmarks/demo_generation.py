@@ -1,13 +1,14 @@
 """Demo generation: the fast bot against minigrid's, its identity, and parallel efficiency.
 
 Writes benchmarks/results/demo_generation.json with, at the top level:
-- ``bot_speedup``: episodes/s of our generator's episode (fast bot, thoughts, recording)
-  over the bare minigrid bot (no thoughts, nothing recorded), one process, same seeds,
-  timed in interleaved repeats, best of each (other jobs only ever slow a run down);
-  ``bot_speedup_cpu`` is the same from CPU time (target >= 3).
-- ``identical_seeds``: seeds on which both bots gave the same action and thought at every
-  step, with noise (1,000 BossLevel seeds and a few on every other BabyAI level), out of
-  ``checked_seeds``.
+- ``bot_speedup``: episodes/s of our generator's episode (fast bot and observation,
+  thoughts, recording) over the bare minigrid bot (minigrid's env and bot, no thoughts,
+  nothing recorded), one process, same seeds, timed in interleaved repeats, best of each
+  (other jobs only ever slow a run down); ``bot_speedup_cpu`` is the same from CPU time
+  (target >= 3).
+- ``identical_seeds``: seeds on which both bots gave the same action and thought, and
+  tc.fastobs the same observation as minigrid, at every step, with noise (1,000 BossLevel
+  seeds and a few on every other BabyAI level), out of ``checked_seeds``.
 - ``parallel_efficiency``: generator episodes/s with N processes / (N x with one), N = the
   cores, at a small shard size (the hardest case for per-shard pools; target >= 0.9).
   On a shared machine it says how many cores other jobs left, so also: ``cores_obtained``
