@@ -28,11 +28,6 @@ def per_step(sizes: list[int], *tensors: Tensor) -> zip:
     return zip(sizes, *(t.split(sizes) for t in tensors))
 
 
-def episode_rows(sizes: list[int], device: torch.device) -> Tensor:
-    """Episode index (position in the batch) of every row of the time-major layout."""
-    return torch.cat([torch.arange(n, device=device) for n in sizes])
-
-
 class GradTape:
     """Sums the gradient of a weight used at every step of a recurrence in one matmul.
 
