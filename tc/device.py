@@ -7,10 +7,18 @@ import torch
 from tc.params import ConfigError
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is an error."""
+def pick_device(name: str, threads: int = 0) -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is an error.
+
+    On the CPU, torch uses ``threads`` intra-op threads (0: torch's default). The stages'
+    default is one: their step-wise ops are small, and on a shared CPU OpenMP's waiting for
+    a busy core made training updates ~30x and evaluation ~5x slower (measured).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device is 'cuda' but torch sees no CUDA device; use auto or cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cpu" and threads > 0:
+        torch.set_num_threads(threads)
+    return device

@@ -343,15 +343,8 @@ class EvaluateConfig:
                 "max_steps": self.max_steps}  # fmt: skip
 
     def device_for_torch(self) -> torch.device:
-        """The device of ``device``; on CPU, use ``threads`` intra-op threads (0: torch's default).
-
-        One thread: the forward passes are small, and on a shared CPU a second OpenMP thread
-        waiting for a busy core made evaluation ~5x slower (benchmarks/eval_throughput.py).
-        """
-        device = pick_device(self.device)
-        if device.type == "cpu" and self.threads > 0:
-            torch.set_num_threads(self.threads)
-        return device
+        """The device of ``device``, with ``threads`` intra-op threads on the CPU (see tc.device)."""
+        return pick_device(self.device, self.threads)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -403,14 +403,10 @@ def train(
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     rank, world = distributed.rank_and_world()
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.threads)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # the rank's GPU, set by the caller
     amp = cfg.amp and device.type == "cuda"
-    if device.type == "cpu" and cfg.threads > 0:
-        # Small step-wise ops dominate: a second thread gains little alone and, on a shared
-        # CPU, OpenMP's waiting for a busy core made updates ~30x slower (measured).
-        torch.set_num_threads(cfg.threads)
     if train_demos.num_episodes == 0:
         raise ValueError("the training dataset has no episodes")
 
