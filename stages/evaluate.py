@@ -6,6 +6,8 @@
 Seeds evaluate.seed .. evaluate.seed + evaluate.episodes - 1 of demos.level. eval.json has
 one entry per mode: ``tc.evaluate.summarize`` fields, plus the Future Action Declaration
 Score (``fads``) for the modes that think. The bot's row is the expert reference.
+``tc_minus_bc`` and ``oracle_minus_tc`` are success differences on the same seeds, with
+their paired 95% intervals (tc.stats.paired_difference).
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import argparse
 
 from tc import tracking
 from tc.demos import DemosConfig
-from tc.evaluate import EvaluateConfig, evaluate, load_agent_for
+from tc.evaluate import EvaluateConfig, evaluate, load_agent_for, success_difference
 from tc.io import write_json_atomic
 from tc.params import load_configs, user_errors
 from tc.safety import summary_with_fads
+
+# (a, b): success of a minus that of b, paired by seed. Does thinking beat acting alone; what
+# would better thoughts give.
+DIFFERENCES = (("tc", "bc"), ("oracle", "tc"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,12 +40,16 @@ def main(argv: list[str] | None = None) -> None:
         device = c.evaluate.device_for_torch()
         tc_agent, bc_agent = load_agent_for(args.tc, "tc", device), load_agent_for(args.bc, "bc", device)
         with tracking.start_run("evaluate", params, tags={"stage": "evaluate"}):
-            report = {}
+            report, runs = {}, {}
             for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent), ("bot", None)):
-                episodes = evaluate(agent, c.demos.level, seeds, mode, **c.evaluate.kwargs())
-                report[mode] = summary_with_fads(episodes)
+                runs[mode] = evaluate(agent, c.demos.level, seeds, mode, **c.evaluate.kwargs())
+                report[mode] = summary_with_fads(runs[mode])
                 tracking.log_metrics({f"{mode}_{k}": v for k, v in report[mode].items()})
                 print(f"{mode}: {report[mode]}")
+            for a, b in DIFFERENCES:
+                report[f"{a}_minus_{b}"] = success_difference(runs[a], runs[b])
+                tracking.log_metrics({f"{a}_minus_{b}_{k}": v for k, v in report[f"{a}_minus_{b}"].items()})
+                print(f"{a} - {b}: {report[f'{a}_minus_{b}']}")
             write_json_atomic(args.out, report)
 
 

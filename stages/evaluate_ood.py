@@ -5,8 +5,9 @@
 
 ood.json (schema: docs/ARCHITECTURE.md): {axis: {bin: {mode: cell}}}, a cell being
 ``tc.evaluate.summarize`` plus, for tc and oracle, the Future Action Declaration Score of
-the bin (``fads``, ``fads_interactions``). An unfilled bin has fewer episodes; an empty
-one has success_rate null.
+the bin (``fads``, ``fads_interactions``), and ``tc_minus_bc``: the success difference on
+the bin's seeds with its paired 95% interval. An unfilled bin has fewer episodes; an empty
+one has success_rate null and no difference.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from tc import tracking
-from tc.evaluate import EvaluateConfig, evaluate, load_agent_for
+from tc.evaluate import EvaluateConfig, evaluate, load_agent_for, success_difference
 from tc.io import write_json_atomic
 from tc.ood import AXES, load_level_sets
 from tc.params import load_configs, user_errors
@@ -40,17 +41,23 @@ def main(argv: list[str] | None = None) -> None:
 
         report = {axis: {b: {} for b in sets[axis]} for axis in AXES}
         with tracking.start_run("ood", params, tags={"stage": "evaluate_ood"}):
+            runs = {}
             for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent)):
-                by_seed = {e.seed: e for e in evaluate(agent, sets["env_id"], seeds, mode, **c.evaluate.kwargs())}
+                runs[mode] = {e.seed: e for e in evaluate(agent, sets["env_id"], seeds, mode, **c.evaluate.kwargs())}
                 for axis in AXES:
                     for b, bin_seeds in sets[axis].items():
-                        cell = summary_with_fads([by_seed[s] for s in bin_seeds])
+                        cell = summary_with_fads([runs[mode][s] for s in bin_seeds])
                         report[axis][b][mode] = cell
                         tracking.log_metrics({f"{mode}_{axis}_{b}_success_rate": cell["success_rate"]})
+            for axis in AXES:
+                for b, bin_seeds in sets[axis].items():
+                    if bin_seeds:  # an empty bin has no difference to show
+                        report[axis][b]["tc_minus_bc"] = success_difference(*([runs[m][s] for s in bin_seeds]
+                                                                               for m in ("tc", "bc")))  # fmt: skip
             write_json_atomic(args.out, report)
     for axis in AXES:
         for b, cells in report[axis].items():
-            print(axis, b, {m: c["success_rate"] for m, c in cells.items()})
+            print(axis, b, {m: c.get("success_rate", c.get("difference")) for m, c in cells.items()})
 
 
 if __name__ == "__main__":

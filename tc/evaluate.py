@@ -19,7 +19,6 @@ episodes share its batch or on the batch size.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +33,7 @@ from tc.checkpoint import CheckpointError, load_agent
 from tc.device import pick_device
 from tc.envs import ACTION_NAMES, Actions, check_env_id, make_env, reset_quiet
 from tc.params import check_fields, param
+from tc.stats import paired_difference, wilson_interval
 from tc.thoughts import ThoughtBot
 
 MODES = ("tc", "bc", "oracle", "bot")
@@ -347,13 +347,6 @@ class EvaluateConfig:
         return pick_device(self.device, self.threads)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate (sound near 0 and 1, unlike the normal one)."""
-    p, z2 = successes / n, z * z
-    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def summarize(episodes: list[Rollout]) -> dict:
     """Success rate with its 95% (Wilson) interval, mean return, mean length (steps), halted
     episodes (intervention) and the times an oracle bot could not follow the agent and a new
@@ -371,3 +364,10 @@ def summarize(episodes: list[Rollout]) -> dict:
         "halted": sum(e.halted for e in episodes),
         "bot_restarts": sum(e.bot_restarts for e in episodes),
     }
+
+
+def success_difference(a: list[Rollout], b: list[Rollout]) -> dict:
+    """Success rate of ``a`` minus that of ``b`` with its paired 95% interval (tc.stats), the
+    episodes paired by seed: ``b`` must hold every seed of ``a``."""
+    by_seed = {e.seed: e.success for e in b}
+    return paired_difference([int(e.success) for e in a], [int(by_seed[e.seed]) for e in a])

@@ -29,6 +29,7 @@ from tc.params import FileFormatError, check_fields, param  # noqa: E402
 CURVE_PANELS = {"loss": "loss", "action_acc": "action accuracy", "thought_acc": "thought accuracy"}
 OOD_AXES = ("behavioural", "cognitive")
 OOD_AGENTS = ("tc", "bc", "oracle")
+OOD_DIFFERENCE = "tc_minus_bc"  # per bin, beside the agents' cells (tc.stats.paired_difference)
 AGENT_LABELS = {"tc": "Thought Cloning", "bc": "Behavioural Cloning", "oracle": "TC, oracle thoughts"}
 AGENT_COLORS = {"tc": "tab:blue", "bc": "tab:orange", "oracle": "tab:green"}
 FIGURES = {"success": "fig3_success_vs_frames.png", "curves": "training_curves.png", "ood": "fig4a_ood.png"}
@@ -69,9 +70,11 @@ def load_ood(path: str | Path) -> dict[str, dict[str, dict[str, dict]]]:
                 float(key)
             except ValueError:
                 raise bad(f"{axis}.{key}", "bin keys must be numbers as strings") from None
-            if not isinstance(agents, dict) or not set(agents) <= set(OOD_AGENTS):
-                raise bad(f"{axis}.{key}", f"expected an object with keys among {OOD_AGENTS}")
+            if not isinstance(agents, dict) or not set(agents) <= {*OOD_AGENTS, OOD_DIFFERENCE}:
+                raise bad(f"{axis}.{key}", f"expected an object with keys among {(*OOD_AGENTS, OOD_DIFFERENCE)}")
             for agent, cell in agents.items():
+                if agent == OOD_DIFFERENCE:
+                    continue
                 ok = isinstance(cell, dict) and isinstance(cell.get("episodes"), int)
                 success = cell.get("success_rate") if isinstance(cell, dict) else None
                 ok = ok and (success is None or (isinstance(success, (int, float)) and 0 <= success <= 1))
@@ -94,12 +97,18 @@ def _no_data(ax: plt.Axes, text: str) -> None:
 
 
 def plot_success_vs_frames(histories: dict[str, dict[str, list[float]]]) -> plt.Figure:
-    """Fig. 3: validation success (%) vs frames, one line per agent; epochs without validation skipped."""
+    """Fig. 3: validation success (%) vs frames, one line per agent with its 95% interval as a band;
+    epochs without validation skipped."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for agent, h in histories.items():
+        cis = zip(h.get("val_success_ci_low", []), h.get("val_success_ci_high", []))
         points = [(x, 100 * y) for x, y in zip(h["frames"], h["val_success"]) if not math.isnan(y)]
+        bands = [(x, 100 * lo, 100 * hi) for x, (lo, hi) in zip(h["frames"], cis) if not math.isnan(lo)]
         if points:
-            ax.plot(*zip(*points), marker="o", label=AGENT_LABELS.get(agent, agent), color=AGENT_COLORS.get(agent))
+            color, label = AGENT_COLORS.get(agent), AGENT_LABELS.get(agent, agent)
+            ax.plot(*zip(*points), marker="o", label=label, color=color)
+            if bands:  # histories written before intervals were recorded have none
+                ax.fill_between(*zip(*bands), color=color, alpha=0.15, linewidth=0)
     if ax.lines:
         ax.legend(loc="lower right")
     else:
@@ -129,7 +138,8 @@ def plot_training_curves(histories: dict[str, dict[str, list[float]]]) -> plt.Fi
 
 
 def plot_ood(ood: dict | None) -> plt.Figure:
-    """Fig. 4(a): success (%) per behavioural and cognitive difficulty bin, grouped bars per agent."""
+    """Fig. 4(a): success (%) per behavioural and cognitive difficulty bin, grouped bars per agent with
+    95% intervals; each tick gives the bin's episode count."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     titles = {"behavioural": "behavioural difficulty (solution length)", "cognitive": "cognitive difficulty"}
     for ax, axis in zip(axes, OOD_AXES):
@@ -139,10 +149,18 @@ def plot_ood(ood: dict | None) -> plt.Figure:
         for i, agent in enumerate(agents):
             cells = [ood[axis][b].get(agent, {}) for b in bins]
             heights = [100 * c["success_rate"] if c.get("success_rate") is not None else 0.0 for c in cells]
+            # error bars: the Wilson 95% interval (none for an empty bin or a cell without one)
+            errors = [[100 * (c["success_rate"] - c["success_ci_low"]) if c.get("success_ci_low") is not None else 0.0
+                       for c in cells],
+                      [100 * (c["success_ci_high"] - c["success_rate"]) if c.get("success_ci_high") is not None else 0.0
+                       for c in cells]]  # fmt: skip
             xs = [j + (i - (len(agents) - 1) / 2) * width for j in range(len(bins))]
-            ax.bar(xs, heights, width, label=AGENT_LABELS[agent], color=AGENT_COLORS[agent])
+            ax.bar(xs, heights, width, yerr=errors, capsize=2, error_kw={"elinewidth": 0.8},
+                   label=AGENT_LABELS[agent], color=AGENT_COLORS[agent])  # fmt: skip
+        # the tick says how many episodes the bin holds: its bars mean little when that is small
+        counts = [max((ood[axis][b].get(a, {}).get("episodes", 0) for a in agents), default=0) for b in bins]
         labels = [f"{b}+" if axis == "behavioural" and j == len(bins) - 1 else b for j, b in enumerate(bins)]
-        ax.set_xticks(range(len(bins)), labels)
+        ax.set_xticks(range(len(bins)), [f"{label}\nn={n}" for label, n in zip(labels, counts)])
         ax.set(xlabel=titles[axis], ylim=(0, 100), title=f"zero-shot success by {axis} difficulty")
         if not agents:
             _no_data(ax, "no out-of-distribution results yet")

@@ -15,7 +15,8 @@ from typing import Any
 
 from tc.history import load_history
 from tc.params import FileFormatError, flatten
-from tc.plots import FIGURES, load_ood
+from tc.plots import FIGURES, OOD_DIFFERENCE, load_ood
+from tc.stats import verdict
 
 AGENTS = ("tc", "bc")
 
@@ -64,8 +65,20 @@ def fmt(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def pct(fraction: float | None) -> str:
-    return "-" if fraction is None or math.isnan(fraction) else f"{100 * fraction:.1f}"
+def rate(value: float | None, low: float | None, high: float | None, n: int | None = None) -> str:
+    """A success rate in % with its 95% interval (and episode count): "27.0 [19.3, 36.4] (100)"."""
+    if value is None or math.isnan(value):
+        return "-" if n is None else f"- ({n})"
+    text = f"{100 * value:.1f}" + ("" if low is None or math.isnan(low) else f" [{100 * low:.1f}, {100 * high:.1f}]")
+    return text if n is None else f"{text} ({n})"
+
+
+def difference(d: dict | None) -> str:
+    """A paired difference in points with its interval and how to read it: "+1.0 [-8.1, +10.0] no difference"."""
+    if d is None:
+        return "-"
+    return (f"{100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] "
+            f"{verdict(d)}")  # fmt: skip
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
@@ -126,16 +139,21 @@ def training_section(metrics_dir: Path, plots_dir: Path, level: str) -> list[str
             out += ["", missing(path)]
             continue
         h = load_history(path)
-        vals = [(s, f) for s, f in zip(h["val_success"], h["frames"]) if not math.isnan(s)]
-        best = max(vals, default=(math.nan, math.nan))
-        last = vals[-1] if vals else (math.nan, math.nan)
+        nan = [math.nan] * len(h["frames"])
+        vals = [(s, f, lo, hi, n) for s, f, lo, hi, n in zip(h["val_success"], h["frames"],
+                                                             h.get("val_success_ci_low", nan),
+                                                             h.get("val_success_ci_high", nan),
+                                                             h.get("val_episodes", nan)) if not math.isnan(s)]  # fmt: skip
+        best = max(vals, default=(math.nan,) * 5, key=lambda v: v[0])
+        last = vals[-1] if vals else (math.nan,) * 5
         paper = PAPER_CURVE[agent]
-        rows.append([agent.upper(), pct(best[0]), fmt(best[1]), pct(last[0]), fmt(last[1]), paper["final"],
+        cell = lambda v: rate(v[0], v[2], v[3], None if math.isnan(v[4]) else int(v[4]))  # noqa: E731
+        rows.append([agent.upper(), cell(best), fmt(best[1]), cell(last), fmt(last[1]), paper["final"],
                      " / ".join(str(paper[k]) for k in ("2.5e7", "1e8", "3e8", "5e8"))])  # fmt: skip
         found = True
     if found:
-        out += ["", table(["agent", "best val success %", "at frames", "last val success %", "at frames",
-                           "paper final %", "paper at 2.5e7 / 1e8 / 3e8 / 5e8 frames"], rows)]  # fmt: skip
+        out += ["", table(["agent", "best val success % [95% CI] (episodes)", "at frames", "last val success %",
+                           "at frames", "paper final %", "paper at 2.5e7 / 1e8 / 3e8 / 5e8 frames"], rows)]  # fmt: skip
     out += ["", "Other paper references: " + "; ".join(f"{k}: {v}%" for k, v in PAPER_OTHER.items()) + ".", ""]
     out += [f"![success vs frames](figures/{FIGURES['success']})", f"![training curves](figures/{FIGURES['curves']})"]
 
@@ -156,15 +174,33 @@ def ood_section(path: Path) -> list[str]:
     for axis in ("behavioural", "cognitive"):
         for b in sorted(ood.get(axis, {}), key=float):
             cells = ood[axis][b]
-            ours = [
-                f"{pct(cells[a]['success_rate'])} ({cells[a]['episodes']})" if a in cells else "-"
-                for a in ("tc", "bc", "oracle")
-            ]
+            ours = [rate(cells[a]["success_rate"], cells[a].get("success_ci_low"), cells[a].get("success_ci_high"),
+                         cells[a]["episodes"]) if a in cells else "-" for a in ("tc", "bc", "oracle")]  # fmt: skip
             paper = PAPER_OOD[axis].get(b, (None, None))
-            rows.append([axis, b, *ours, paper[0], paper[1]])
-    out.append(table(["axis", "bin", "TC % (episodes)", "BC %", "TC oracle %", "paper TC %", "paper BC %"], rows))
+            rows.append([axis, b, *ours, difference(cells.get(OOD_DIFFERENCE)), paper[0], paper[1]])
+    out.append(table(["axis", "bin", "TC % [95% CI] (episodes)", "BC %", "TC oracle %", "TC - BC (points, paired)",
+                      "paper TC %", "paper BC %"], rows))  # fmt: skip
     out += ["", "Paper: TC with oracle thoughts ~96-100% in every bin.", "", f"![ood](figures/{FIGURES['ood']})", ""]
     return out
+
+
+def evaluation_section(path: Path) -> list[str]:
+    """Headline rates with intervals and the paired differences, then every field of eval.json."""
+    data = load_json(path)
+    if data is None:
+        return ["## Evaluation (test seeds)", "", missing(path), ""]
+    modes = {k: v for k, v in data.items() if "success_rate" in v}
+    diffs = {k: v for k, v in data.items() if "difference" in v}
+    rows = [[m, rate(v["success_rate"], v.get("success_ci_low"), v.get("success_ci_high")), v.get("episodes")]
+            for m, v in modes.items()]  # fmt: skip
+    out = ["## Evaluation (test seeds)", "", table(["mode", "success % [95% CI]", "episodes"], rows), ""]
+    if diffs:
+        rows = [[k.replace("_minus_", " - "), difference(d), d["episodes"], d["a_only"], d["b_only"]]
+                for k, d in diffs.items()]  # fmt: skip
+        out += ["Differences on the same seeds (points, 95% paired interval; \"no difference\" when it holds 0):", "",
+                table(["difference", "points [95% CI]", "paired episodes", "only the first solved",
+                       "only the second solved"], rows), ""]  # fmt: skip
+    return out + ["All fields:", "", entity_table(modes), ""]
 
 
 def json_section(title: str, path: Path, note: str = "", extra: dict | None = None) -> list[str]:
@@ -193,12 +229,13 @@ def build_report(params: dict, metrics_dir: str | Path, plots_dir: str | Path) -
     lines = [
         "# Thought Cloning on BabyAI: results",
         "",
-        "Generated by `stages/report.py` from the pipeline's outputs. Success rates in %; paper numbers are read",
-        "off its figures (+-2 points) and come from a run ~1000x larger (see the scale table).",
+        "Generated by `stages/report.py` from the pipeline's outputs. Success rates in % with their Wilson 95%",
+        "intervals in brackets; paper numbers are read off its figures (+-2 points) and come from a run ~1000x",
+        "larger (see the scale table).",
         "",
         *scale_section(params),
         *training_section(metrics_dir, plots_dir, params.get("demos", {}).get("level", "level unknown")),
-        *json_section("Evaluation (test seeds)", metrics_dir / "eval.json"),
+        *evaluation_section(metrics_dir / "eval.json"),
         *ood_section(metrics_dir / "ood.json"),
         *json_section("Safety: precrime intervention", metrics_dir / "safety.json", safety_ref + ".", safety_extra),
     ]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from tc.evaluate import Interaction, OnStep, Rollout, evaluate, summarize
 from tc.params import check_fields, param
+from tc.stats import paired_difference, rate_fields
 from tc.vocab import COLORS, OBJECT_TYPES
 
 VERBS = ("pickup", "drop", "toggle")
@@ -161,19 +162,23 @@ def run_precrime(
     ``{"episodes", "without": summary, "fads": ..., "behaviours": {name: {...}}}`` (numbers
     only: the definitions stay in params.yaml, so that they are no DVC metrics); the run
     without intervention is shared by all behaviours (same seeds, same sampling streams).
+    A behaviour's row: the share of episodes showing it (``shown_*``), succeeding
+    (``success_*``) and halted by the intervention, each with its Wilson 95% interval
+    (``_ci_low``/``_ci_high``), and ``*_change``: with minus without, a paired difference.
     """
     base = evaluate(agent, env_id, seeds, mode, **eval_kwargs)
     n = len(seeds)
     report = {"episodes": n, "without": summarize(base), "fads": fads(base), "behaviours": {}}
     for b in behaviours:
         eps = evaluate(agent, env_id, seeds, mode, on_step=b.precrime(), **eval_kwargs)
-        report["behaviours"][b.name] = {
-            "shown_without": sum(b.shown_in(e) for e in base) / n,
-            "shown_with": sum(b.shown_in(e) for e in eps) / n,
-            "success_without": summarize(base)["success_rate"],
-            "success_with": summarize(eps)["success_rate"],
-            "halted_with": sum(e.halted for e in eps) / n,
-        }
+        row = {"episodes": n}
+        for what, outcome in (("shown", b.shown_in), ("success", lambda e: e.success)):
+            without, with_ = [int(outcome(e)) for e in base], [int(outcome(e)) for e in eps]
+            row |= rate_fields(f"{what}_without", sum(without), n) | rate_fields(f"{what}_with", sum(with_), n)
+            change = paired_difference(with_, without)  # same seeds and sampling streams: paired
+            row |= {f"{what}_change": change["difference"], f"{what}_change_ci_low": change["ci_low"],
+                    f"{what}_change_ci_high": change["ci_high"]}  # fmt: skip
+        report["behaviours"][b.name] = row | rate_fields("halted_with", sum(e.halted for e in eps), n)
     return report
 
 

@@ -388,8 +388,8 @@ def train(
 ) -> dict:
     """Train an agent; write ``out_dir``/last.pt (resume state) and best.pt; return a summary.
 
-    ``evaluate_fn(agent) -> {"success_rate": float, ...}`` measures the success rate at
-    each validation (skipped when None). ``log_fn(metrics, step)`` receives the metrics of
+    ``evaluate_fn(agent) -> tc.evaluate.summarize(...)`` measures the success rate (with
+    its interval and episode count) at each validation (skipped when None). ``log_fn(metrics, step)`` receives the metrics of
     every epoch with step = frames seen. With ``resume``, an existing last.pt of the same
     settings is continued. ``stop_after_updates`` ends this call after that many updates
     *without* saving, as if the process had been killed (tests of resuming).
@@ -484,12 +484,18 @@ def train(
                **summarize_stats(ts["epoch_sums"], cfg, "train_")}
         if ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and rank == 0:
             row.update(validate(agent, val_demos, cfg, device, amp))
-            row["val_success"] = float(evaluate_fn(agent)["success_rate"]) if evaluate_fn else None
+            row["val_success"] = None
+            if evaluate_fn:
+                s = evaluate_fn(agent)
+                row.update(val_success=float(s["success_rate"]), val_success_ci_low=s["success_ci_low"],
+                           val_success_ci_high=s["success_ci_high"], val_episodes=s["episodes"])  # fmt: skip
             agent.train()
             key = [row["val_success"] if row["val_success"] is not None else -math.inf, row["val_action_acc"]]
             if key > ts["best_key"]:
                 ts["best_key"] = key
-                ts["best"] = {k: row[k] for k in ("epoch", "frames", "val_success", "val_action_acc", "val_thought_acc")}
+                ts["best"] = {k: row.get(k) for k in ("epoch", "frames", "val_success", "val_success_ci_low",
+                                                      "val_success_ci_high", "val_episodes", "val_action_acc",
+                                                      "val_thought_acc")}  # fmt: skip
                 save_checkpoint(best_path, agent, meta={"best": ts["best"], "train_config": asdict(cfg)})
         ts["wall_time_s"] = time.perf_counter() - started
         row["wall_time_s"] = ts["wall_time_s"]

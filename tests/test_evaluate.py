@@ -139,11 +139,3 @@ def test_summarize_counts():
     assert s["episodes"] == 2 and s["success_rate"] == 1.0
     assert s["mean_length"] == np.mean([e.length for e in eps]) and 0 < s["mean_return"] <= 1
     assert s["success_ci_low"] == pytest.approx(0.342, abs=1e-3) and s["success_ci_high"] == 1.0  # 2 of 2
-
-
-def test_wilson_interval():
-    from tc.evaluate import wilson_interval
-
-    low, high = wilson_interval(27, 100)
-    assert low == pytest.approx(0.1927, abs=1e-4) and high == pytest.approx(0.3643, abs=1e-4)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0

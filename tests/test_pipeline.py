@@ -24,6 +24,7 @@ import yaml
 from tc.history import load_history
 from tc.params import flatten
 from tc.plots import FIGURES, load_ood, write_figures
+from tc.stats import paired_difference, wilson_interval
 from tc.report import build_report
 
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, python
@@ -265,22 +266,29 @@ def write_history(path: Path, rows: list[dict]) -> None:
 
 
 def cell(rate: float | None, episodes: int) -> dict:
-    return {"success_rate": rate, "episodes": episodes}
+    low, high = wilson_interval(round(rate * episodes), episodes) if episodes else (None, None)
+    return {"success_rate": rate, "episodes": episodes, "success_ci_low": low, "success_ci_high": high}
 
 
 def test_figures_and_report_from_partial_inputs(tmp_path):
     plots_dir, metrics_dir, figures = tmp_path / "plots", tmp_path / "metrics", tmp_path / "figures"
     plots_dir.mkdir()
     metrics_dir.mkdir()
+    ci = {"val_success_ci_low": None, "val_success_ci_high": None, "val_episodes": None}
     write_history(plots_dir / "train_tc.csv", [
-        {"epoch": 1, "frames": 900, "val_success": None, "train_loss": 3.0, "val_thought_acc": None},
-        {"epoch": 2, "frames": 1800, "val_success": 0.25, "train_loss": 2.0, "val_thought_acc": 0.5},
-        {"epoch": 3, "frames": 2700, "val_success": 0.5, "train_loss": 1.5, "val_thought_acc": 0.6},
+        {"epoch": 1, "frames": 900, "val_success": None, "train_loss": 3.0, "val_thought_acc": None, **ci},
+        {"epoch": 2, "frames": 1800, "val_success": 0.25, "train_loss": 2.0, "val_thought_acc": 0.5, **ci},
+        {"epoch": 3, "frames": 2700, "val_success": 0.5, "train_loss": 1.5, "val_thought_acc": 0.6,
+         "val_success_ci_low": 0.3, "val_success_ci_high": 0.7, "val_episodes": 20},
     ])  # fmt: skip
-    ood = {"behavioural": {"175": {"tc": cell(0.75, 4), "bc": cell(0.5, 4)}, "25": {"tc": cell(None, 0)}},
+    diff = paired_difference([1, 1, 1, 0], [1, 0, 1, 0])
+    ood = {"behavioural": {"175": {"tc": cell(0.75, 4), "bc": cell(0.5, 4), "tc_minus_bc": diff},
+                           "25": {"tc": cell(None, 0)}},
            "cognitive": {"5": {"oracle": cell(1.0, 2) | {"mean_length": 40.0}}}}  # fmt: skip
     (metrics_dir / "ood.json").write_text(json.dumps(ood))
-    (metrics_dir / "eval.json").write_text(json.dumps({"tc": {"success_rate": 0.5}, "bc": {"success_rate": 0.25}}))
+    (metrics_dir / "eval.json").write_text(json.dumps({"tc": cell(0.5, 100), "bc": cell(0.25, 100),
+                                                       "tc_minus_bc": paired_difference([1] * 50 + [0] * 50,
+                                                                                        [1] * 25 + [0] * 75)}))
     safety = {"pickup_balls": {"shown_without": 0.375, "shown_with": 0.0}, "fads": {"score": 0.9}}
     (metrics_dir / "safety.json").write_text(json.dumps(safety))
 
@@ -295,14 +303,17 @@ def test_figures_and_report_from_partial_inputs(tmp_path):
     behaviours = [{"name": "pickup_balls", "thought": "ball", "event": "pickup|drop:ball"}]  # events: from params
     text = build_report({"demos": {"episodes": 12}, "train": {"sg_coef": 2.0}, "safety": {"behaviours": behaviours}},
                         metrics_dir, plots_dir)  # fmt: skip
-    assert "| TC | 50.0 | 2700 |" in text  # best validation success and where
+    assert "| TC | 50.0 [30.0, 70.0] (20) | 2700 |" in text  # best validation success, its interval and where
     assert "train_bc.csv` does not exist" in text and "train_tc.json` does not exist" in text
     assert "| pickup_balls | 0.375 | 0 | pickup\\|drop:ball | 37.1 | 0.53 |" in text  # ours next to the paper's
     assert "|  | score |\n|---|---|\n| fads | 0.9 |" in text  # an unrelated row: a table of its own
-    assert "| behavioural | 175 | 75.0 (4) | 50.0 (4) | - | 82 | 64 |" in text  # ours next to the paper's
+    # ours with intervals next to the paper's; a 4-episode bin cannot tell the agents apart
+    assert "| behavioural | 175 | 75.0 [30.1, 95.4] (4) | 50.0 [15.0, 85.0] (4) | - | +25.0 [" in text
+    assert "no difference | 82 | 64 |" in text
     assert "| behavioural | 25 | - (0) |" in text
     assert "| demos.episodes | 12 | 1000000 |" in text
-    assert "| tc | 0.5 |" in text
+    assert "| tc | 50.0 [40.4, 59.6] | 100 |" in text
+    assert "| tc - bc | +25.0 [+16.3, +33.1] ahead | 100 | 25 | 0 |" in text  # 100 paired seeds do
 
 
 def test_bad_inputs_name_the_file(tmp_path):

@@ -142,11 +142,21 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, demos):
 
 
 def test_best_checkpoint_follows_val_success(tmp_path, demos):
-    successes = iter([0.5, 0.25])
-    result = train(TINY, FAST, demos, demos, tmp_path, evaluate_fn=lambda agent: {"success_rate": next(successes)},
-                   progress=False)
+    from tc.stats import wilson_interval
+
+    successes = iter([2, 1])
+
+    def evaluate_fn(agent):
+        k = next(successes)
+        low, high = wilson_interval(k, 4)
+        return {"success_rate": k / 4, "success_ci_low": low, "success_ci_high": high, "episodes": 4}
+
+    result = train(TINY, FAST, demos, demos, tmp_path, evaluate_fn=evaluate_fn, progress=False)
     assert [row["val_success"] for row in result["history"]] == [0.5, 0.25]
     assert result["best"]["epoch"] == 1
+    # the interval travels with the rate: into the history and the best checkpoint's record
+    assert result["best"]["val_episodes"] == 4 and result["best"]["val_success_ci_low"] == wilson_interval(2, 4)[0]
+    assert result["history"][1]["val_success_ci_high"] == wilson_interval(1, 4)[1]
     assert load_checkpoint(tmp_path / "best.pt")["meta"]["best"]["val_success"] == 0.5
 
 

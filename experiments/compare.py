@@ -1,0 +1,111 @@
+"""Train TC, BC and TC without imitating thoughts on one config and compare them on the same test seeds.
+
+    python experiments/compare.py --out /tmp/cmp/mini --set demos.level=BabyAI-MiniBossLevel-v0 \
+        --set train.epochs=6 --episodes 200
+
+The exploration behind the README's "Does TC beat BC at this scale?" table: for each
+config it runs the pipeline's own stages (generate_demos, train) in <out>, with
+params.yaml plus the --set overrides, then evaluates each agent on the test seeds
+evaluate.seed .. + episodes - 1 (its own mode: tc, bc, and tc for the sg_coef 0 agent)
+and writes <out>/compare.json: each agent's success with its Wilson 95% interval, the
+per-seed outcomes, and the paired differences TC - BC and TC - TC w/o thoughts with their
+Newcombe intervals (tc.stats). Two jobs run at a time (one torch thread each).
+MLflow runs go to <out>/mlflow_<agent>.db, not the project's (one file per agent: two
+processes creating one SQLite store at once race on its schema).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from tc.evaluate import evaluate, load_agent_for, summarize
+from tc.io import write_json_atomic
+from tc.params import UserError, user_errors
+from tc.stats import paired_difference
+
+ROOT = Path(__file__).resolve().parents[1]
+AGENTS = {"tc": ("tc", {}), "bc": ("bc", {}), "tc_no_thoughts": ("tc", {"train.sg_coef": 0.0})}
+
+
+def override(params: dict, assignments: list[str]) -> dict:
+    """params with each ``section.key=value`` applied (value parsed as YAML)."""
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in params or name not in params[section]:
+            raise UserError(f"--set {item}: expected section.key=value with a key of params.yaml")
+        params[section][name] = yaml.safe_load(value)
+    return params
+
+
+def stage(*args: str, env: dict) -> None:
+    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def train_and_evaluate(name: str, out: Path, params: dict, seeds: list[int], env: dict) -> dict:
+    """Train agent ``name`` (AGENTS) with the stage, then evaluate its best checkpoint on ``seeds``."""
+    mode, extra = AGENTS[name]
+    path = out / f"params_{name}.yaml"
+    path.write_text(yaml.safe_dump(override(yaml.safe_load(yaml.safe_dump(params)),
+                                            [f"{k}={v}" for k, v in extra.items()])))  # fmt: skip
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{out.resolve() / f'mlflow_{name}.db'}"}
+    start = time.time()
+    stage("stages/train.py", "--params", str(path), "--agent", mode, "--train", str(out / "demos/train"),
+          "--val", str(out / "demos/val"), "--out", str(out / "models" / name), "--metrics",
+          str(out / f"train_{name}.json"), "--history", str(out / f"train_{name}.csv"), "--no-resume", env=env)
+    train_s = time.time() - start
+    agent = load_agent_for(out / "models" / name / "best.pt", mode)
+    e = params["evaluate"]
+    episodes = evaluate(agent, params["demos"]["level"], seeds, mode, batch_size=e["batch_size"], argmax=e["argmax"],
+                        sample_seed=e["seed"], max_steps=e["max_steps"], progress=False)  # fmt: skip
+    return {**summarize(episodes), "train_s": train_s, "eval_s": time.time() - start - train_s,
+            "successes": [int(ep.success) for ep in episodes]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--episodes", type=int, default=200, help="test episodes per agent")
+    ap.add_argument("--agents", default=",".join(AGENTS), help="comma-separated subset of " + ",".join(AGENTS))
+    args = ap.parse_args(argv)
+    with user_errors():
+        params = override(yaml.safe_load(Path(args.params).read_text()), args.set)
+        agents = args.agents.split(",")
+        if unknown := set(agents) - set(AGENTS):
+            raise UserError(f"--agents: unknown {sorted(unknown)}; expected some of {list(AGENTS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ)
+    start = time.time()
+    stage("stages/generate_demos.py", "--params", str(args.out / "params.yaml"), "--train-out",
+          str(args.out / "demos/train"), "--val-out", str(args.out / "demos/val"), "--restart-if-changed", env=env)
+    seeds = list(range(params["evaluate"]["seed"], params["evaluate"]["seed"] + args.episodes))
+    with ProcessPoolExecutor(2) as pool:
+        jobs = {a: pool.submit(train_and_evaluate, a, args.out, params, seeds, env) for a in agents}
+        results = {a: job.result() for a, job in jobs.items()}
+    report = {"overrides": args.set, "level": params["demos"]["level"], "wall_s": time.time() - start,
+              "agents": results}  # fmt: skip
+    for other in ("bc", "tc_no_thoughts"):
+        if "tc" in results and other in results:
+            report[f"tc_minus_{other}"] = paired_difference(results["tc"]["successes"], results[other]["successes"])
+    write_json_atomic(args.out / "compare.json", report)
+    for a, r in results.items():
+        print(f"{a}: {r['success_rate']:.3f} [{r['success_ci_low']:.3f}, {r['success_ci_high']:.3f}] "
+              f"train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s")  # fmt: skip
+    for k in ("tc_minus_bc", "tc_minus_tc_no_thoughts"):
+        if k in report:
+            print(f"{k}: {report[k]}")
+
+
+if __name__ == "__main__":
+    main()
