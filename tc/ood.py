@@ -1,7 +1,8 @@
 """Out-of-distribution level sets: BossLevel seeds binned by behavioural and cognitive difficulty.
 
 Behavioural difficulty of a seed: the number of steps the expert bot needs to solve it
-(minigrid's BabyAIBot, whose plan tc.thoughts.ThoughtBot follows; no noise).
+(minigrid's BabyAIBot, whose plan tc.thoughts.ThoughtBot follows; no noise), run as
+tc.fastbot.FastBot: the same decisions, ~3x faster, so that rare bins fill in seconds.
 Bins are centred on evenly spaced values (25, 75, ..., 425); bin b holds lengths in
 [b - w/2, b + w/2) with w the spacing, and the last bin is open-ended (425: >= 400).
 
@@ -30,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minigrid.envs.babyai.core.verifier import PutNextInstr, SeqInstr
-from minigrid.utils.baby_ai_bot import BabyAIBot
 from tqdm import tqdm
 
 from tc.envs import check_env_id, make_env, reset_quiet
+from tc.fastbot import FastBot
 from tc.params import FileFormatError, check_fields, param
 
 AXES = ("behavioural", "cognitive")
@@ -91,7 +92,7 @@ class OodConfig:
 
 def bot_solution_length(env) -> int | None:
     """Steps the expert bot takes to solve the freshly reset ``env``; None if it fails."""
-    bot = BabyAIBot(env)
+    bot = FastBot(env)
     try:
         for step in range(1, env.unwrapped.max_steps + 1):
             _, reward, terminated, truncated, _ = env.step(bot.replan())
