@@ -6,7 +6,8 @@
 The exploration behind the README's "Does TC beat BC at this scale?" table: for each
 config it runs the pipeline's own stages (generate_demos, train) in <out>, with
 params.yaml plus the --set overrides, then evaluates each agent on the test seeds
-evaluate.seed .. + episodes - 1 (its own mode: tc, bc, and tc for the sg_coef 0 agent)
+evaluate.seed .. + episodes - 1 (its own mode: tc, bc, and tc for the sg_coef 0 agent; the
+TC agent also with the bot's thoughts, "oracle")
 and writes <out>/compare.json: each agent's success with its Wilson 95% interval, the
 per-seed outcomes, and the paired differences TC - BC and TC - TC w/o thoughts with their
 Newcombe intervals (tc.stats). Two jobs run at a time (one torch thread each).
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -64,10 +66,15 @@ def train_and_evaluate(name: str, out: Path, params: dict, seeds: list[int], env
     train_s = time.time() - start
     agent = load_agent_for(out / "models" / name / "best.pt", mode)
     e = params["evaluate"]
-    episodes = evaluate(agent, params["demos"]["level"], seeds, mode, batch_size=e["batch_size"], argmax=e["argmax"],
-                        sample_seed=e["seed"], max_steps=e["max_steps"], progress=False)  # fmt: skip
-    return {**summarize(episodes), "train_s": train_s, "eval_s": time.time() - start - train_s,
-            "successes": [int(ep.success) for ep in episodes]}  # fmt: skip
+    run = partial(evaluate, agent, params["demos"]["level"], seeds, batch_size=e["batch_size"], argmax=e["argmax"],
+                  sample_seed=e["seed"], max_steps=e["max_steps"], progress=False)  # fmt: skip
+    episodes = run(mode)
+    result = {**summarize(episodes), "train_s": train_s, "eval_s": time.time() - start - train_s,
+              "successes": [int(ep.success) for ep in episodes]}  # fmt: skip
+    if name == "tc":  # how far better thoughts would take this lower level
+        oracle = run("oracle")
+        result["oracle"] = {**summarize(oracle), "successes": [int(ep.success) for ep in oracle]}
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,11 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     for other in ("bc", "tc_no_thoughts"):
         if "tc" in results and other in results:
             report[f"tc_minus_{other}"] = paired_difference(results["tc"]["successes"], results[other]["successes"])
+    if "tc" in results:
+        report["oracle_minus_tc"] = paired_difference(results["tc"]["oracle"]["successes"], results["tc"]["successes"])
     write_json_atomic(args.out / "compare.json", report)
     for a, r in results.items():
         print(f"{a}: {r['success_rate']:.3f} [{r['success_ci_low']:.3f}, {r['success_ci_high']:.3f}] "
               f"train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s")  # fmt: skip
-    for k in ("tc_minus_bc", "tc_minus_tc_no_thoughts"):
+        if "oracle" in r:
+            print(f"  oracle: {r['oracle']['success_rate']:.3f}")
+    for k in ("tc_minus_bc", "tc_minus_tc_no_thoughts", "oracle_minus_tc"):
         if k in report:
             print(f"{k}: {report[k]}")
 

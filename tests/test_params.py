@@ -32,8 +32,9 @@ def test_params_yaml_and_dataclass_defaults_agree(section):
     assert not drift, f"{section}: params.yaml vs {cls.__name__} default: {drift}"
 
 
-def test_paper_params_are_valid():
-    load_configs(REPO / "params-paper.yaml", **SECTIONS)
+@pytest.mark.parametrize("name", ["params-paper.yaml", "params-gpu.yaml"])
+def test_paper_params_are_valid(name):
+    load_configs(REPO / name, **SECTIONS)
 
 
 @pytest.mark.parametrize(
