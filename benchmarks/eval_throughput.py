@@ -1,6 +1,10 @@
 """Evaluation throughput: episodes/s at batch 1 vs batch 64 (one forward pass per step for the batch).
 
     python benchmarks/eval_throughput.py [--checkpoint models/tc/best.pt] [--episodes 64] [--max-steps 16]
+    python benchmarks/eval_throughput.py --level BabyAI-MiniBossLevel-v0 --batch-sizes 64 --threads 1 --reference
+
+``--reference`` also times minigrid's own observation and bot (``evaluate(fast=False)``) in
+the same run and reports ``<mode>_..._fast_vs_minigrid`` (time ratio; > 1: ours is faster).
 
 Every episode is capped at ``--max-steps`` so that both batch sizes do the same work
 (an untrained agent would otherwise wander to the level's limit). Without a checkpoint
@@ -37,7 +41,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--modes", nargs="+", default=["tc", "bc"], choices=["tc", "bc"])
+    parser.add_argument("--modes", nargs="+", default=["tc", "bc", "oracle"], choices=["tc", "bc", "oracle"])
+    parser.add_argument("--reference", action="store_true",
+                        help="also time minigrid's own observation and bot (evaluate fast=False), side by side")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
                         help="torch intra-op thread counts to time (default: 1 and torch's default)")
@@ -52,25 +58,30 @@ def main() -> None:
     else:
         cfg = load_params(args.params, "model")["model"]
         torch.manual_seed(0)
-        agents = {mode: Agent(ModelConfig.from_dict({**cfg, "use_thoughts": mode == "tc"})) for mode in args.modes}
+        agents = {mode: Agent(ModelConfig.from_dict({**cfg, "use_thoughts": mode != "bc"})) for mode in args.modes}
     results = {}
     for mode, agent in agents.items():
         for threads in args.threads:
             torch.set_num_threads(threads)
             evaluate(agent, args.level, seeds[:2], mode, batch_size=2, max_steps=4, progress=False)  # warm-up
             for batch in args.batch_sizes:
-                times = []
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    eps = evaluate(agent, args.level, seeds, mode, batch_size=batch, max_steps=args.max_steps, progress=False)
-                    times.append(time.perf_counter() - start)
-                steps, med = sum(e.length for e in eps), statistics.median(times)
-                results[f"{mode}_threads{threads}_batch{batch}"] = {
-                    "episodes_per_s": len(seeds) / med, "steps_per_s": steps / med, "median_s": med,
-                    "times_s": times, "steps": steps,
-                }  # fmt: skip
-                rate = f"{len(seeds) / med:.2f} episodes/s, {steps / med:.0f} steps/s"
-                print(f"{mode} threads {threads} batch {batch}: {rate} (median of {args.repeats})")
+                for fast in (True, False) if args.reference else (True,):
+                    times = []
+                    for _ in range(args.repeats):  # alternating would be fairer on a busy machine; repeats are adjacent
+                        start = time.perf_counter()
+                        eps = evaluate(agent, args.level, seeds, mode, batch_size=batch, max_steps=args.max_steps,
+                                       progress=False, fast=fast)  # fmt: skip
+                        times.append(time.perf_counter() - start)
+                    steps, med = sum(e.length for e in eps), statistics.median(times)
+                    key = f"{mode}_threads{threads}_batch{batch}" + ("" if fast else "_minigrid")
+                    results[key] = {"episodes_per_s": len(seeds) / med, "steps_per_s": steps / med, "median_s": med,
+                                    "times_s": times, "steps": steps}  # fmt: skip
+                    rate = f"{len(seeds) / med:.2f} episodes/s, {steps / med:.0f} steps/s"
+                    print(f"{key}: {rate} (median of {args.repeats})")
+                if args.reference:
+                    fast_vs = results[f"{mode}_threads{threads}_batch{batch}"]["median_s"]
+                    results[f"{mode}_threads{threads}_batch{batch}_fast_vs_minigrid"] = (
+                        results[f"{mode}_threads{threads}_batch{batch}_minigrid"]["median_s"] / fast_vs)
             first = results[f"{mode}_threads{threads}_batch{args.batch_sizes[0]}"]["episodes_per_s"]
             for batch in args.batch_sizes[1:]:
                 key = f"{mode}_threads{threads}_speedup_batch{batch}_vs_{args.batch_sizes[0]}"

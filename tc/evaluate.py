@@ -28,7 +28,7 @@ from minigrid.envs.babyai.core.verifier import PickupInstr, SeqInstr
 from minigrid.utils.baby_ai_bot import DisappearedBoxError
 from tqdm import tqdm
 
-from tc import vocab
+from tc import fastobs, vocab
 from tc.checkpoint import CheckpointError, load_agent
 from tc.device import pick_device
 from tc.envs import ACTION_NAMES, Actions, check_env_id, make_env, reset_quiet
@@ -161,6 +161,7 @@ def evaluate(
     render: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
+    fast: bool = True,
 ) -> list[Rollout]:
     """Run one episode per seed and return them in the order of ``seeds`` (``agent`` is left in eval mode).
 
@@ -170,6 +171,8 @@ def evaluate(
     agent then acts on the given thought (thought steering).
     ``render`` keeps an RGB frame per step and one after the last step.
     ``max_steps`` overrides the level's own step limit (BossLevel allows ~600 per subtask).
+    ``fast``: observations by tc.fastobs and the bot as tc.fastbot (byte-identical images, the
+    same decisions; tests compare); False runs minigrid's own, the reference.
     """
     check_env_id(env_id)
     check_mode(agent, mode)
@@ -184,6 +187,10 @@ def evaluate(
     if max_steps is not None:
         env_kwargs["max_steps"] = int(max_steps)
     envs = [make_env(env_id, **env_kwargs) for _ in range(min(batch_size, len(seeds)))]
+    if fast:
+        for env in envs:
+            fastobs.install(env)
+    bot_kind = "fast" if fast else "minigrid"
     episodes: list[Rollout] = []
     bar = tqdm(total=len(seeds), desc=f"eval {mode}", unit="ep", disable=not progress)
     for start in range(0, len(seeds), batch_size):
@@ -191,7 +198,7 @@ def evaluate(
         obs = [reset_quiet(env, s) for env, s in zip(envs, chunk)]
         eps = [Rollout(seed=s, mission=o["mission"]) for s, o in zip(chunk, obs)]
         requested = [requested_objects(env) for env in envs[: len(chunk)]]
-        bots = [ThoughtBot(env) for env in envs[: len(chunk)]] if mode in ("oracle", "bot") else None
+        bots = [ThoughtBot(env, bot_kind) for env in envs[: len(chunk)]] if mode in ("oracle", "bot") else None
         advice = [bot.step(None) for bot in bots] if bots else None  # the bot's (action, thought) for this step
         rngs = [np.random.default_rng([sample_seed, s]) for s in chunk]
         live = list(range(len(chunk)))  # positions in the chunk, aligned with the rows of state/enc
@@ -230,7 +237,7 @@ def evaluate(
                 if event is not None:
                     ep.interactions.append(event)
                 if not done and bots is not None:
-                    advice[j] = _advise(bots, j, envs[j], ep, a, advice[j])
+                    advice[j] = _advise(bots, j, envs[j], ep, a, advice[j], bot_kind)
                 if done:
                     ep.success = reward > 0
                     if render:
@@ -248,7 +255,8 @@ def evaluate(
     return episodes
 
 
-def _advise(bots: list, j: int, env, ep: Rollout, action: int, previous: tuple[int, str]) -> tuple[int, str]:
+def _advise(bots: list, j: int, env, ep: Rollout, action: int, previous: tuple[int, str],
+            kind: str) -> tuple[int, str]:  # fmt: skip
     """The next (action, thought) of bot ``j``, told the action actually taken.
 
     The minigrid bot gives up when the agent opened a box (DisappearedBoxError) or moved the
@@ -261,7 +269,7 @@ def _advise(bots: list, j: int, env, ep: Rollout, action: int, previous: tuple[i
     except (DisappearedBoxError, AssertionError):
         ep.bot_restarts += 1
     try:
-        bots[j] = ThoughtBot(env)
+        bots[j] = ThoughtBot(env, kind)
         return bots[j].step(None)
     except (DisappearedBoxError, AssertionError):
         return previous

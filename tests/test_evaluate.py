@@ -139,3 +139,17 @@ def test_summarize_counts():
     assert s["episodes"] == 2 and s["success_rate"] == 1.0
     assert s["mean_length"] == np.mean([e.length for e in eps]) and 0 < s["mean_return"] <= 1
     assert s["success_ci_low"] == pytest.approx(0.342, abs=1e-3) and s["success_ci_high"] == 1.0  # 2 of 2
+
+
+@pytest.mark.parametrize("mode", ["oracle", "tc", "bot"])
+def test_fast_evaluation_equals_minigrids_own(mode):
+    # fast=True swaps in tc.fastobs and tc.fastbot; an untrained agent wanders off the bot's plan,
+    # so the oracle's bot re-plans and gives up (restarts) along the way: every path is compared.
+    agent = None if mode == "bot" else tiny_agent()
+    seeds = [18, 40, 41, 42, 43]  # BossLevel 18: the bot gives up (see the test above)
+    runs = [evaluate(agent, BOSS, seeds, mode, batch_size=3, max_steps=60, progress=False, fast=fast)
+            for fast in (True, False)]  # fmt: skip
+    fields = lambda e: (e.seed, e.actions, e.thoughts, e.success, e.length, e.bot_restarts, e.interactions)  # noqa: E731
+    assert [fields(e) for e in runs[0]] == [fields(e) for e in runs[1]]
+    if mode == "oracle":
+        assert sum(e.bot_restarts for e in runs[0]) > 0  # the re-planning path ran
