@@ -46,28 +46,42 @@ class GradTape:
 
 
 class _TapedMatmul(torch.autograd.Function):
+    # Under autocast the forward's mm runs in the autocast dtype; the backward works in that
+    # dtype explicitly (it does not rely on autocast being on there, which differs by device)
+    # and hands autograd gradients in the dtypes of x and weight.
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: Tensor, weight: Tensor, tape: GradTape) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.tape = tape
+        out = x.mm(weight.t())
+        ctx.save_for_backward(x.to(out.dtype), weight)
+        ctx.x_dtype, ctx.tape = x.dtype, tape
         tape.pending += 1
-        return x.mm(weight.t())
+        return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
-        tape = ctx.tape
+        grad, tape = grad.to(x.dtype), ctx.tape
         tape.inputs.append(x)
         tape.grads.append(grad)
         tape.pending -= 1
         grad_weight = None
         if tape.pending == 0:
-            grad_weight = torch.cat(tape.grads).t().mm(torch.cat(tape.inputs))
+            grad_weight = torch.cat(tape.grads).t().mm(torch.cat(tape.inputs)).to(weight.dtype)
             tape.inputs, tape.grads = [], []
-        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_x = grad.mm(weight.to(grad.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_weight, None
+
+
+def autocast_once(t: Tensor | None) -> Tensor | None:
+    """``t`` in the autocast dtype when autocast is on for its device, else ``t`` itself.
+
+    A weight used at every step is cast here once per forward pass: autocast caches the
+    casts of leaf tensors only, and ``weight.t()`` in a per-step matmul is none, so it would
+    copy the whole weight to bfloat16 at every step (~64 MB for a 2048-wide LSTM).
+    """
+    if t is None or not torch.is_autocast_enabled(t.device.type):
+        return t
+    return t.to(torch.get_autocast_dtype(t.device.type))
 
 
 def taped_linear(x: Tensor, weight: Tensor, tape: GradTape | None, bias: Tensor | None = None) -> Tensor:
@@ -80,10 +94,10 @@ class TapedLinear:
     """An ``nn.Linear`` called once per time step, its weight gradient through one tape."""
 
     def __init__(self, linear: nn.Linear):
-        self.linear, self.tape = linear, GradTape()
+        self.weight, self.bias, self.tape = autocast_once(linear.weight), autocast_once(linear.bias), GradTape()
 
     def __call__(self, x: Tensor) -> Tensor:
-        return taped_linear(x, self.linear.weight, self.tape, self.linear.bias)
+        return taped_linear(x, self.weight, self.tape, self.bias)
 
 
 class TapedLSTMCell:
@@ -94,14 +108,16 @@ class TapedLSTMCell:
     """
 
     def __init__(self, cell: nn.LSTMCell):
-        self.cell, self.tape_ih, self.tape_hh = cell, GradTape(), GradTape()
+        self.weight_ih, self.weight_hh = autocast_once(cell.weight_ih), autocast_once(cell.weight_hh)
+        self.bias = autocast_once(cell.bias_ih + cell.bias_hh)
+        self.tape_ih, self.tape_hh = GradTape(), GradTape()
 
     def input_gates(self, x: Tensor) -> Tensor:
-        return taped_linear(x, self.cell.weight_ih, self.tape_ih, self.cell.bias_ih + self.cell.bias_hh)
+        return taped_linear(x, self.weight_ih, self.tape_ih, self.bias)
 
     def step(self, x_gates: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """One step given the input's gate term; returns (h, c)."""
-        gates = x_gates + taped_linear(h, self.cell.weight_hh, self.tape_hh)
+        gates = x_gates + taped_linear(h, self.weight_hh, self.tape_hh)
         i, f, g, o = gates.chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c

@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from tc import vocab
 from tc.checkpoint import load_agent, load_checkpoint, save_checkpoint
 from tc.demos import generate_demos, load_demos
 from tc.kernels import TapedLSTMCell, per_step
 from tc.model import Agent, BatchNorm2d, ModelConfig, commit_batchnorm, count_parameters
-from tc.train import make_batch
+from tc.train import TrainConfig, loss_scale, make_batch, run_batch
 
 TINY = dict(image_dim=16, memory_dim=32, instr_dim=16)
 
@@ -250,3 +251,47 @@ def test_checkpoint_errors_name_file_and_mismatch(tmp_path):
         load_agent(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_agent(tmp_path / "missing.pt")
+
+
+def test_taped_lstm_under_autocast_casts_each_weight_once_per_pass():
+    torch.manual_seed(0)
+    cell = torch.nn.LSTMCell(5, 7)
+    x, steps = torch.randn(12, 5, requires_grad=True), [3] * 4
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            taped, (h, c) = TapedLSTMCell(cell), (torch.zeros(3, 7), torch.zeros(3, 7))
+            for n, x_n in per_step(steps, x):
+                h, c = taped(x_n, h, c)
+    # copies of weight_hh (or of its transpose, which autocast cannot cache): once for the 4 steps,
+    # where casting inside each step's matmul made 4
+    casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+             and list(e.input_shapes[0]) in ([28, 7], [7, 28])]  # fmt: skip
+    assert len(casts) == 1 and h.dtype == torch.float32
+    h.sum().backward()
+    assert cell.weight_hh.grad.dtype == torch.float32
+    ref = torch.nn.LSTMCell(5, 7)
+    ref.load_state_dict(cell.state_dict())
+    hr, cr = torch.zeros(3, 7), torch.zeros(3, 7)
+    for x_n in x.detach().split(steps):
+        hr, cr = ref(x_n, (hr, cr))
+    hr.sum().backward()
+    torch.testing.assert_close(cell.weight_hh.grad, ref.weight_hh.grad, rtol=0.05, atol=0.02)  # bfloat16 vs fp32
+
+
+def test_bfloat16_autocast_training_is_close_to_fp32(tmp_path):
+    # the AMP path of run_batch on the CPU (the CUDA twin is tests/test_cuda.py)
+    generate_demos("BabyAI-GoToLocal-v0", 0, 6, tmp_path / "d", noise_rate=0.0, progress=False)
+    demos = load_demos(tmp_path / "d")
+    model = ModelConfig(image_dim=16, memory_dim=32, instr_dim=16, dropout=0.0, attn_dropout=0.0)
+
+    def run(amp):
+        torch.manual_seed(0)
+        agent = Agent(model).train()
+        cfg = TrainConfig(batch_size=6, recurrence=5, device="cpu", amp=amp)
+        sums = run_batch(agent, make_batch(demos, np.arange(6), torch.device("cpu")), cfg, True, amp,
+                         loss_scale(demos, cfg))  # fmt: skip
+        return sums, torch.cat([p.grad.flatten() for p in agent.parameters() if p.grad is not None])
+
+    (fp32, g32), (bf16, g16) = run(False), run(True)
+    assert bf16["thought_nll"] == pytest.approx(fp32["thought_nll"], rel=0.02) and g16.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
