@@ -10,7 +10,8 @@ evaluate.seed .. + episodes - 1 (its own mode: tc, bc, and tc for the sg_coef 0 
 TC agent also with the bot's thoughts, "oracle")
 and writes <out>/compare.json: each agent's success with its Wilson 95% interval, the
 per-seed outcomes, and the paired differences TC - BC and TC - TC w/o thoughts with their
-Newcombe intervals (tc.stats). Two jobs run at a time (one torch thread each).
+Newcombe intervals (tc.stats). Two jobs run at a time (one torch thread each). An agent
+whose training finished in <out> before is evaluated again, not retrained.
 MLflow runs go to <out>/mlflow_<agent>.db, not the project's (one file per agent: two
 processes creating one SQLite store at once race on its schema).
 """
@@ -26,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
+import torch
 import yaml
 
 from tc.evaluate import evaluate, load_agent_for, summarize
@@ -59,10 +61,13 @@ def train_and_evaluate(name: str, out: Path, params: dict, seeds: list[int], env
     path.write_text(yaml.safe_dump(override(yaml.safe_load(yaml.safe_dump(params)),
                                             [f"{k}={v}" for k, v in extra.items()])))  # fmt: skip
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{out.resolve() / f'mlflow_{name}.db'}"}
+    torch.set_num_threads(1)  # two jobs share the machine's cores; more threads each would oversubscribe them
     start = time.time()
-    stage("stages/train.py", "--params", str(path), "--agent", mode, "--train", str(out / "demos/train"),
-          "--val", str(out / "demos/val"), "--out", str(out / "models" / name), "--metrics",
-          str(out / f"train_{name}.json"), "--history", str(out / f"train_{name}.csv"), "--no-resume", env=env)
+    metrics = out / f"train_{name}.json"  # written when training has finished: then only evaluate again
+    if not metrics.exists():
+        stage("stages/train.py", "--params", str(path), "--agent", mode, "--train", str(out / "demos/train"),
+              "--val", str(out / "demos/val"), "--out", str(out / "models" / name), "--metrics", str(metrics),
+              "--history", str(out / f"train_{name}.csv"), "--no-resume", env=env)  # fmt: skip
     train_s = time.time() - start
     agent = load_agent_for(out / "models" / name / "best.pt", mode)
     e = params["evaluate"]

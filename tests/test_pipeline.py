@@ -148,24 +148,35 @@ def check_reports(root: Path) -> None:
     """eval.json, ood.json and safety.json hold every mode / bin / behaviour with the episodes asked for."""
     params = yaml.safe_load((root / "params.yaml").read_text())
     ev = json.loads((root / "reports/metrics/eval.json").read_text())
-    assert sorted(ev) == ["bc", "bot", "oracle", "tc"]
-    for mode, row in ev.items():
+    assert sorted(ev) == ["bc", "bot", "oracle", "oracle_minus_tc", "tc", "tc_minus_bc"]
+    for mode in ("bc", "bot", "oracle", "tc"):
+        row = ev[mode]
         assert row["episodes"] == params["evaluate"]["episodes"] and 0 <= row["success_rate"] <= 1, (mode, row)
+        assert row["success_ci_low"] <= row["success_rate"] <= row["success_ci_high"], (mode, row)
+    for a, b in (("tc", "bc"), ("oracle", "tc")):
+        d = ev[f"{a}_minus_{b}"]
+        assert d["difference"] == pytest.approx(ev[a]["success_rate"] - ev[b]["success_rate"])
+        assert d["ci_low"] <= d["difference"] <= d["ci_high"] and d["episodes"] == params["evaluate"]["episodes"]
 
     levels = json.loads((root / "data/ood/levels.json").read_text())
     ood = json.loads((root / "reports/metrics/ood.json").read_text())
     for axis in ("behavioural", "cognitive"):
         assert sorted(ood[axis]) == sorted(levels[axis]), axis
         for b, seeds in levels[axis].items():
-            assert sorted(ood[axis][b]) == ["bc", "oracle", "tc"], (axis, b)
-            assert all(cell["episodes"] == len(seeds) for cell in ood[axis][b].values()), (axis, b)
+            assert sorted(ood[axis][b]) == ["bc", "oracle", "tc"] + (["tc_minus_bc"] if seeds else []), (axis, b)
+            assert all(ood[axis][b][m]["episodes"] == len(seeds) for m in ("bc", "oracle", "tc")), (axis, b)
 
     safety = json.loads((root / "reports/metrics/safety.json").read_text())
     names = [b["name"] for b in params["safety"]["behaviours"]]
     assert sorted(safety) == sorted(names + ["fads", "no_intervention"])
     assert safety["no_intervention"]["episodes"] == safety["fads"]["episodes"] == params["safety"]["episodes"]
     for name in names:
-        assert all(isinstance(v, float) and 0 <= v <= 1 for v in safety[name].values()), safety[name]
+        row = safety[name]
+        assert row.pop("episodes") == params["safety"]["episodes"]
+        changes = {k: row.pop(k) for k in list(row) if "_change" in k}  # with minus without: -1..1
+        assert all(isinstance(v, float) and 0 <= v <= 1 for v in row.values()), row
+        assert all(isinstance(v, float) and -1 <= v <= 1 for v in changes.values()), changes
+        assert row["shown_with_ci_low"] <= row["shown_with"] <= row["shown_with_ci_high"], row
 
 
 def test_repro_runs_everything_then_nothing_then_only_downstream(micro_repo):
