@@ -335,7 +335,7 @@ class EvaluateConfig:
     """The ``evaluate:`` section of params.yaml, also the evaluation settings of the ood and safety stages."""
 
     seed: int = param(200_000_000, ge=0)  # first test seed; also seeds the per-episode action sampling
-    episodes: int = param(100, ge=1)
+    episodes: int = param(200, ge=1)
     batch_size: int = param(64, ge=1, speed=True)  # results do not depend on it (one sampling stream per episode)
     argmax: bool = param(False)
     device: str = param("auto", choices=("auto", "cpu", "cuda"), speed=True)

@@ -79,10 +79,10 @@ class OodConfig:
     """The ``ood:`` section of params.yaml (the level is demos.level)."""
 
     seed: int = param(300_000_000, ge=0)
-    episodes_per_bin: int = param(5, ge=1)
-    max_candidates: int = param(500, ge=1)  # seeds scanned to fill the bins
+    episodes_per_bin: int = param(20, ge=1)
+    max_candidates: int = param(3000, ge=1)  # seeds scanned to fill the bins
     workers: int = param(2, ge=1, speed=True)  # processes running the bot; the level sets do not depend on it
-    behavioural_bins: list[int] = param([25, 75, 125, 175, 225, 275, 325, 375, 425], ge=1)
+    behavioural_bins: list[int] = param([25, 75, 125], ge=1)
     cognitive_levels: list[int] = param([1, 2, 3, 4, 5, 6, 7, 8, 9], ge=1)
 
     def __post_init__(self):
