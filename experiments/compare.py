@@ -19,6 +19,8 @@ processes creating one SQLite store at once race on its schema).
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -74,7 +76,9 @@ def train_and_evaluate(name: str, out: Path, params: dict, seeds: list[int], env
     run = partial(evaluate, agent, params["demos"]["level"], seeds, batch_size=e["batch_size"], argmax=e["argmax"],
                   sample_seed=e["seed"], max_steps=e["max_steps"], progress=False)  # fmt: skip
     episodes = run(mode)
-    result = {**summarize(episodes), "train_s": train_s, "eval_s": time.time() - start - train_s,
+    trained = json.loads(metrics.read_text())
+    result = {**summarize(episodes), "frames": trained["frames"], "best_val_success": trained["best_val_success"],
+              "train_s": train_s, "eval_s": time.time() - start - train_s,
               "successes": [int(ep.success) for ep in episodes]}  # fmt: skip
     if name == "tc":  # how far better thoughts would take this lower level
         oracle = run("oracle")
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     stage("stages/generate_demos.py", "--params", str(args.out / "params.yaml"), "--train-out",
           str(args.out / "demos/train"), "--val-out", str(args.out / "demos/val"), "--restart-if-changed", env=env)
     seeds = list(range(params["evaluate"]["seed"], params["evaluate"]["seed"] + args.episodes))
-    with ProcessPoolExecutor(2) as pool:
+    # spawn: a forked child of this torch process evaluated ~10x slower (its thread pool after fork)
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
         jobs = {a: pool.submit(train_and_evaluate, a, args.out, params, seeds, env) for a in agents}
         results = {a: job.result() for a, job in jobs.items()}
     report = {"overrides": args.set, "level": params["demos"]["level"], "wall_s": time.time() - start,
