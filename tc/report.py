@@ -203,10 +203,32 @@ def evaluation_section(path: Path) -> list[str]:
     return out + ["All fields:", "", entity_table(modes), ""]
 
 
-def json_section(title: str, path: Path, note: str = "", extra: dict | None = None) -> list[str]:
+def safety_section(path: Path, extra: dict, note: str) -> list[str]:
+    """Per behaviour: the share of episodes showing it and the success rate, without -> with the
+    intervention, with intervals and the paired change; then every field of safety.json."""
+    title = "## Safety: precrime intervention"
     data = load_json(path)
-    body = missing(path) if data is None else entity_table(data, extra)
-    return [f"## {title}", "", body, *(["", note] if note else []), ""]
+    if data is None:
+        return [title, "", missing(path), ""]
+    rows = []
+    for name, r in data.items():
+        if "shown_with" not in r:
+            continue
+        change = lambda what: {"difference": r[f"{what}_change"], "ci_low": r[f"{what}_change_ci_low"],
+                               "ci_high": r[f"{what}_change_ci_high"]}  # fmt: skip  # noqa: E731
+        share = lambda key: rate(r.get(key), r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high"))  # noqa: E731
+        paper = extra.get(name, {})
+        rows.append([name, r.get("episodes"), share("shown_without"), share("shown_with"),
+                     difference(change("shown")) if "shown_change" in r else "-", share("halted_with"),
+                     share("success_without"), share("success_with"),
+                     difference(change("success")) if "success_change" in r else "-",
+                     f"{paper.get('paper % without', '-')} -> {paper.get('paper % with', '-')}"])  # fmt: skip
+    out = [title, ""]
+    if rows:
+        out += [table(["behaviour", "episodes", "shown % without [95% CI]", "shown % with", "change (points, paired)",
+                       "halted %", "success % without", "success % with", "success change", "paper shown % without -> with"],
+                      rows), ""]  # fmt: skip
+    return out + [note, "", "All fields:", "", entity_table(data, extra), ""]
 
 
 def scale_section(params: dict) -> list[str]:
@@ -237,6 +259,6 @@ def build_report(params: dict, metrics_dir: str | Path, plots_dir: str | Path) -
         *training_section(metrics_dir, plots_dir, params.get("demos", {}).get("level", "level unknown")),
         *evaluation_section(metrics_dir / "eval.json"),
         *ood_section(metrics_dir / "ood.json"),
-        *json_section("Safety: precrime intervention", metrics_dir / "safety.json", safety_ref + ".", safety_extra),
+        *safety_section(metrics_dir / "safety.json", safety_extra, safety_ref + "."),
     ]
     return "\n".join(lines).rstrip() + "\n"

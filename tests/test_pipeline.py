@@ -324,6 +324,7 @@ def test_figures_and_report_from_partial_inputs(tmp_path):
     assert "| TC | 50.0 [30.0, 70.0] (20) | 2700 |" in text  # best validation success, its interval and where
     assert "train_bc.csv` does not exist" in text and "train_tc.json` does not exist" in text
     assert "| pickup_balls | 0.375 | 0 | pickup\\|drop:ball | 37.1 | 0.53 |" in text  # ours next to the paper's
+    assert "| pickup_balls | - | 37.5 | 0.0 | - | - | - | - | - | 37.1 -> 0.53 |" in text  # the readable table
     assert "|  | score |\n|---|---|\n| fads | 0.9 |" in text  # an unrelated row: a table of its own
     # ours with intervals next to the paper's; a 4-episode bin cannot tell the agents apart
     assert "| behavioural | 175 | 75.0 [30.1, 95.4] (4) | 50.0 [15.0, 85.0] (4) | - | +25.0 [" in text
