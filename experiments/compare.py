@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     stage("stages/generate_demos.py", "--params", str(args.out / "params.yaml"), "--train-out",
           str(args.out / "demos/train"), "--val-out", str(args.out / "demos/val"), "--restart-if-changed", env=env)
     seeds = list(range(params["evaluate"]["seed"], params["evaluate"]["seed"] + args.episodes))
-    # spawn: a forked child of this torch process evaluated ~10x slower (its thread pool after fork)
+    # spawn: each job starts clean rather than as a fork of a process that has already set up torch
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
         jobs = {a: pool.submit(train_and_evaluate, a, args.out, params, seeds, env) for a in agents}
         results = {a: job.result() for a, job in jobs.items()}
