@@ -19,6 +19,7 @@ processes creating one SQLite store at once race on its schema).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing as mp
 import os
@@ -32,13 +33,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from tc.evaluate import evaluate, load_agent_for, summarize
+from tc.evaluate import EvaluateConfig, evaluate, load_agent_for, summarize
 from tc.io import write_json_atomic
-from tc.params import UserError, user_errors
+from tc.params import UserError, dataclass_from_dict, user_errors
 from tc.stats import paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
-AGENTS = {"tc": ("tc", {}), "bc": ("bc", {}), "tc_no_thoughts": ("tc", {"train.sg_coef": 0.0})}
+AGENTS = {"tc": ("tc", []), "bc": ("bc", []), "tc_no_thoughts": ("tc", ["train.sg_coef=0"])}
 
 
 def override(params: dict, assignments: list[str]) -> dict:
@@ -60,8 +61,7 @@ def train_and_evaluate(name: str, out: Path, params: dict, seeds: list[int], env
     """Train agent ``name`` (AGENTS) with the stage, then evaluate its best checkpoint on ``seeds``."""
     mode, extra = AGENTS[name]
     path = out / f"params_{name}.yaml"
-    path.write_text(yaml.safe_dump(override(yaml.safe_load(yaml.safe_dump(params)),
-                                            [f"{k}={v}" for k, v in extra.items()])))  # fmt: skip
+    path.write_text(yaml.safe_dump(override(copy.deepcopy(params), extra)))
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{out.resolve() / f'mlflow_{name}.db'}"}
     torch.set_num_threads(1)  # two jobs share the machine's cores; more threads each would oversubscribe them
     start = time.time()
@@ -72,9 +72,8 @@ def train_and_evaluate(name: str, out: Path, params: dict, seeds: list[int], env
               "--history", str(out / f"train_{name}.csv"), "--no-resume", env=env)  # fmt: skip
     train_s = time.time() - start
     agent = load_agent_for(out / "models" / name / "best.pt", mode)
-    e = params["evaluate"]
-    run = partial(evaluate, agent, params["demos"]["level"], seeds, batch_size=e["batch_size"], argmax=e["argmax"],
-                  sample_seed=e["seed"], max_steps=e["max_steps"], progress=False)  # fmt: skip
+    run = partial(evaluate, agent, params["demos"]["level"], seeds, progress=False,
+                  **dataclass_from_dict(EvaluateConfig, params["evaluate"], "evaluate").kwargs())  # fmt: skip
     episodes = run(mode)
     trained = json.loads(metrics.read_text())
     result = {**summarize(episodes), "frames": trained["frames"], "best_val_success": trained["best_val_success"],

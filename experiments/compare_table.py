@@ -14,17 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-from tc.stats import over_runs, verdict
+from tc.report import difference, rate
+from tc.stats import over_runs
 
 
 def cell(r: dict | None) -> str:
-    return "-" if r is None else f"{100 * r['success_rate']:.1f} [{100 * r['success_ci_low']:.0f}, {100 * r['success_ci_high']:.0f}]"
-
-
-def diff(d: dict | None) -> str:
-    if d is None:
-        return "-"
-    return f"{100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] {verdict(d)}"
+    return "-" if r is None else rate(r["success_rate"], r["success_ci_low"], r["success_ci_high"])
 
 
 def row(path: Path) -> str:
@@ -34,7 +29,7 @@ def row(path: Path) -> str:
     frames = a["tc"].get("frames", "-")
     cells = [path.stem, setting, f"{frames:,}" if isinstance(frames, int) else frames, str(a["tc"]["episodes"]),
              cell(a.get("tc")), cell(a.get("bc")), cell(a.get("tc_no_thoughts")), cell(a["tc"].get("oracle")),
-             diff(c.get("tc_minus_bc")), diff(c.get("tc_minus_tc_no_thoughts"))]  # fmt: skip
+             difference(c.get("tc_minus_bc")), difference(c.get("tc_minus_tc_no_thoughts"))]  # fmt: skip
     return "| " + " | ".join(cells) + " |"
 
 
