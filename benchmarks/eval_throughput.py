@@ -5,6 +5,8 @@
 
 ``--reference`` also times minigrid's own observation and bot (``evaluate(fast=False)``) in
 the same run and reports ``<mode>_..._fast_vs_minigrid`` (time ratio; > 1: ours is faster).
+``--compile MODE`` also times the agent with its steps compiled (``evaluate.compile``) and
+reports ``<mode>_..._compiled_vs_eager`` (time ratio; > 1: compiled is faster).
 
 Every episode is capped at ``--max-steps`` so that both batch sizes do the same work
 (an untrained agent would otherwise wander to the level's limit). Without a checkpoint
@@ -18,6 +20,7 @@ benchmarks/results/eval_throughput.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -29,7 +32,8 @@ import torch
 from tc.io import write_json_atomic
 from tc.evaluate import evaluate
 from tc.checkpoint import load_agent
-from tc.model import Agent, ModelConfig
+from tc.kernels import COMPILE_MODES
+from tc.model import Agent, ModelConfig, compile_or_warn
 from tc.params import load_params
 
 
@@ -44,6 +48,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["tc", "bc", "oracle"], choices=["tc", "bc", "oracle"])
     parser.add_argument("--reference", action="store_true",
                         help="also time minigrid's own observation and bot (evaluate fast=False), side by side")
+    parser.add_argument("--compile", choices=COMPILE_MODES, help="also time the agent compiled in this mode")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
                         help="torch intra-op thread counts to time (default: 1 and torch's default)")
@@ -53,35 +59,46 @@ def main() -> None:
     seeds = list(range(args.episodes))
     load_at_start = os.getloadavg()
     if args.checkpoint:  # its own mode only
-        agent = load_agent(args.checkpoint)
+        agent = load_agent(args.checkpoint, args.device)
         agents = {"tc" if agent.cfg.use_thoughts else "bc": agent}
     else:
         cfg = load_params(args.params, "model")["model"]
         torch.manual_seed(0)
-        agents = {mode: Agent(ModelConfig.from_dict({**cfg, "use_thoughts": mode != "bc"})) for mode in args.modes}
+        agents = {mode: Agent(ModelConfig.from_dict({**cfg, "use_thoughts": mode != "bc"})).to(args.device)
+                  for mode in args.modes}  # fmt: skip
     results = {}
     for mode, agent in agents.items():
+        variants = {"": (agent, True)}  # key suffix: (agent, fast)
+        if args.reference:
+            variants["_minigrid"] = (agent, False)
+        if args.compile:
+            compiled = copy.deepcopy(agent)
+            if compile_or_warn(compiled, args.compile, "--compile"):
+                variants["_compiled"] = (compiled, True)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            evaluate(agent, args.level, seeds[:2], mode, batch_size=2, max_steps=4, progress=False)  # warm-up
             for batch in args.batch_sizes:
-                for fast in (True, False) if args.reference else (True,):
+                for suffix, (timed, fast) in variants.items():
+                    # warm-up (a compiled agent compiles here, for the sizes of this batch)
+                    evaluate(timed, args.level, seeds[:batch], mode, batch_size=batch, max_steps=4, progress=False)
                     times = []
                     for _ in range(args.repeats):  # alternating would be fairer on a busy machine; repeats are adjacent
                         start = time.perf_counter()
-                        eps = evaluate(agent, args.level, seeds, mode, batch_size=batch, max_steps=args.max_steps,
+                        eps = evaluate(timed, args.level, seeds, mode, batch_size=batch, max_steps=args.max_steps,
                                        progress=False, fast=fast)  # fmt: skip
                         times.append(time.perf_counter() - start)
                     steps, med = sum(e.length for e in eps), statistics.median(times)
-                    key = f"{mode}_threads{threads}_batch{batch}" + ("" if fast else "_minigrid")
+                    key = f"{mode}_threads{threads}_batch{batch}{suffix}"
                     results[key] = {"episodes_per_s": len(seeds) / med, "steps_per_s": steps / med, "median_s": med,
                                     "times_s": times, "steps": steps}  # fmt: skip
                     rate = f"{len(seeds) / med:.2f} episodes/s, {steps / med:.0f} steps/s"
                     print(f"{key}: {rate} (median of {args.repeats})")
-                if args.reference:
-                    fast_vs = results[f"{mode}_threads{threads}_batch{batch}"]["median_s"]
-                    results[f"{mode}_threads{threads}_batch{batch}_fast_vs_minigrid"] = (
-                        results[f"{mode}_threads{threads}_batch{batch}_minigrid"]["median_s"] / fast_vs)
+                key = f"{mode}_threads{threads}_batch{batch}"
+                base = results[key]["median_s"]  # ours, eager
+                if "_minigrid" in variants:  # > 1: ours is faster than minigrid's
+                    results[f"{key}_fast_vs_minigrid"] = results[f"{key}_minigrid"]["median_s"] / base
+                if "_compiled" in variants:  # > 1: compiled is faster than eager
+                    results[f"{key}_compiled_vs_eager"] = base / results[f"{key}_compiled"]["median_s"]
             first = results[f"{mode}_threads{threads}_batch{args.batch_sizes[0]}"]["episodes_per_s"]
             for batch in args.batch_sizes[1:]:
                 key = f"{mode}_threads{threads}_speedup_batch{batch}_vs_{args.batch_sizes[0]}"
@@ -91,6 +108,8 @@ def main() -> None:
         "setup": {
             "level": args.level, "episodes": args.episodes, "max_steps": args.max_steps, "repeats": args.repeats,
             "checkpoint": args.checkpoint, "torch": torch.__version__, "threads": args.threads,
+            "device": args.device if args.device == "cpu" else f"cuda: {torch.cuda.get_device_name()}",
+            "compile": args.compile,
             "cpus": os.cpu_count(), "machine": platform.machine(),
             "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(),
         },

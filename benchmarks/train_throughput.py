@@ -12,9 +12,11 @@ own process (so peak memory is its own), one after the other on the same machine
   its own training step on synthetic episodes of the mean BossLevel length (87 steps).
 
 Grid: batch 16 on CPU; batch 16 and 180 on CUDA, each in fp32 and with autocast (ours:
-``train.amp``'s bfloat16; the public code: its fp16 GradScaler default). Top-level keys:
-``ratio_vs_public`` (ours TC / public TC frames/s, each at its fastest precision; batch 180
-on CUDA, 16 on CPU), ``amp_vs_fp32`` (ours TC, CUDA only) and ``device``.
+``train.amp``'s bfloat16; the public code: its fp16 GradScaler default); ours eager and, with
+``--compile`` (default on CUDA), with its steps compiled (``train.compile``; the warm-up
+update then includes the compilation). Top-level keys: ``ratio_vs_public`` (ours TC / public
+TC frames/s, each at its fastest setting; batch 180 on CUDA, 16 on CPU), ``amp_vs_fp32`` and
+``compiled_vs_eager`` (ours TC, fastest of the other setting) and ``device``.
 Targets: CPU >= 2x the public code at batch 16; CUDA >= 5x at batch 180.
 """
 
@@ -36,7 +38,8 @@ import torch
 
 from tc.demos import generate_demos, load_demos
 from tc.io import write_json_atomic
-from tc.model import Agent, ModelConfig, count_parameters
+from tc.kernels import COMPILE_MODES
+from tc.model import Agent, ModelConfig, compile_or_warn, count_parameters
 from tc.train import TrainConfig, epoch_batches, loss_scale, make_batch, train_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +47,8 @@ PUBLIC = ROOT.parent / "shared/baselines/public_tc/bench_public.py"
 PAPER_MODEL = {"image_dim": 128, "memory_dim": 2048, "instr_dim": 256}
 
 
-def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: int, demos_dir: str, updates: int) -> dict:
+def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: int, demos_dir: str, updates: int,
+             compile: str | None = None) -> dict:
     """Time ``updates`` training updates of our agent in this process; returns the measurement."""
     dev = torch.device(device)
     if threads > 0:
@@ -56,6 +60,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
     batches = epoch_batches(demos.offsets[1:] - demos.offsets[:-1], cfg, 0)
     torch.manual_seed(0)
     agent = Agent(model_cfg).to(dev).train()
+    compiled = compile_or_warn(agent, compile, "--compile")
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     scale = loss_scale(demos, cfg)
     seconds, frames = [], []
@@ -73,6 +78,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "amp": amp, "threads": threads,
+            "compile": compile if compiled else None,
             "parameters": count_parameters(agent),
             "frames_per_s": sum(frames) / sum(seconds), "update_s": seconds, "frames_per_update": frames,
             "peak_memory_gb": peak, "peak_memory_kind": "cuda max allocated" if dev.type == "cuda" else "max RSS",
@@ -93,16 +99,20 @@ def run_public(public: Path, device: str, batch_size: int, amp: bool, updates: i
 def ratios(results: list[dict], device: str) -> dict:
     """``ratio_vs_public`` and ``amp_vs_fp32`` of TC at the device's key batch (each side at its fastest setting)."""
 
-    def best(impl: str, batch: int, amp: bool | None = None) -> float | None:
+    def best(impl: str, batch: int, **setting) -> float | None:
         rates = [r["frames_per_s"] for r in results if r["impl"] == impl and r["agent"] == "tc" and r["batch"] == batch
-                 and (amp is None or r["amp"] == amp)]
+                 and all(r.get(k) == v for k, v in setting.items())]
         return max(rates) if rates else None
 
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
     batch = 16 if device == "cpu" else 180
-    ours, theirs = best("ours", batch), best("public", batch)
-    fp32, amp = best("ours", batch, False), best("ours", batch, True)
-    return {"ratio_vs_public": ours / theirs if ours and theirs else None,
-            "amp_vs_fp32": amp / fp32 if amp and fp32 else None, "ratio_batch": batch}
+    eager = best("ours", batch, compile=None)
+    compiled = max(filter(None, (best("ours", batch, compile=m) for m in COMPILE_MODES)), default=None)
+    return {"ratio_vs_public": ratio(best("ours", batch), best("public", batch)),
+            "amp_vs_fp32": ratio(best("ours", batch, amp=True), best("ours", batch, amp=False)),
+            "compiled_vs_eager": ratio(compiled, eager), "ratio_batch": batch}
 
 
 def main() -> None:
@@ -116,18 +126,23 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated torch CPU thread counts for ours (the public "
                     "code runs with torch's default)")
     ap.add_argument("--public", default=str(PUBLIC), help="the public code's bench_public.py ('' to skip it)")
+    ap.add_argument("--compile", help="comma-separated: none and/or torch.compile modes of ours "
+                    f"({', '.join(COMPILE_MODES)}); default: none on cpu (no gain, measured), none,default on cuda")
     ap.add_argument("--out", help="default: benchmarks/results/train_throughput_<device>.json")
-    ap.add_argument("--one", nargs=4, metavar=("AGENT", "BATCH", "AMP", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=5, metavar=("AGENT", "BATCH", "AMP", "THREADS", "COMPILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:  # child process: one measurement of ours, printed as JSON
-        agent_kind, batch, amp, threads = args.one
+        agent_kind, batch, amp, threads, mode = args.one
         print(json.dumps(run_ours(agent_kind, args.device, int(batch), amp == "1", int(threads), args.demos,
-                                  args.updates)))
+                                  args.updates, None if mode == "none" else mode)))
         return
 
     batches = [int(b) for b in (args.batches or ("16" if args.device == "cpu" else "16,180")).split(",")]
     precisions = [False] if args.device == "cpu" else [False, True]
+    compiles = (args.compile or ("none" if args.device == "cpu" else "none,default")).split(",")
+    if set(compiles) - {"none", *COMPILE_MODES}:
+        raise SystemExit(f"--compile {args.compile}: expected none or one of {', '.join(COMPILE_MODES)}")
     public = Path(args.public) if args.public else None
     if public is not None and not public.is_file():
         raise SystemExit(f"--public {public}: no such file (pass --public '' to measure ours alone)")
@@ -141,20 +156,22 @@ def main() -> None:
         load_before = os.getloadavg()
         for batch in batches:
             for amp in precisions:
-                runs = [("ours", agent_kind, threads) for agent_kind in args.agents.split(",")
-                        for threads in (args.threads.split(",") if args.device == "cpu" else ["0"])]
-                for impl, agent_kind, threads in runs + ([("public", "tc", None)] if public is not None else []):
+                runs = [("ours", agent_kind, threads, mode) for agent_kind in args.agents.split(",")
+                        for threads in (args.threads.split(",") if args.device == "cpu" else ["0"])
+                        for mode in compiles]  # fmt: skip
+                for impl, agent_kind, threads, mode in runs + ([("public", "tc", None, "none")] if public else []):
                     if impl == "public":
                         results.append(run_public(public, args.device, batch, amp, args.updates, tmp))
                     else:
                         cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
                                "--updates", str(args.updates), "--one", agent_kind, str(batch), "1" if amp else "0",
-                               threads]
+                               threads, mode]
                         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                         results.append(json.loads(out.strip().splitlines()[-1]))
                     r = results[-1]
                     print(f"{impl:6s} {agent_kind} batch {batch} {'amp ' if amp else 'fp32'}"
-                          f"{f' threads {threads}' if threads not in (None, '0') else ''}: "
+                          f"{f' threads {threads}' if threads not in (None, '0') else ''}"
+                          f"{f' compile {mode}' if mode != 'none' else ''}: "
                           f"{r['frames_per_s']:.1f} frames/s, peak {r['peak_memory_gb']:.1f} GB",
                           flush=True)
         load_after = os.getloadavg()
@@ -175,7 +192,8 @@ def main() -> None:
     }
     out = Path(args.out or ROOT / f"benchmarks/results/train_throughput_{args.device}.json")
     write_json_atomic(out, report)
-    print(f"ratio_vs_public {report['ratio_vs_public']}, amp_vs_fp32 {report['amp_vs_fp32']}; wrote {out}")
+    print(f"ratio_vs_public {report['ratio_vs_public']}, amp_vs_fp32 {report['amp_vs_fp32']}, "
+          f"compiled_vs_eager {report['compiled_vs_eager']}; wrote {out}")
 
 
 if __name__ == "__main__":

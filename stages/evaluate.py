@@ -16,7 +16,7 @@ import argparse
 
 from tc import tracking
 from tc.demos import DemosConfig
-from tc.evaluate import EvaluateConfig, evaluate, load_agent_for, success_difference
+from tc.evaluate import EvaluateConfig, evaluate, success_difference
 from tc.io import write_json_atomic
 from tc.params import load_configs, user_errors
 from tc.safety import summary_with_fads
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         params, c = load_configs(args.params, evaluate=EvaluateConfig, demos=DemosConfig)
         seeds = list(range(c.evaluate.seed, c.evaluate.seed + c.evaluate.episodes))
-        device = c.evaluate.device_for_torch()
-        tc_agent, bc_agent = load_agent_for(args.tc, "tc", device), load_agent_for(args.bc, "bc", device)
+        tc_agent, bc_agent = c.evaluate.load_agent(args.tc, "tc"), c.evaluate.load_agent(args.bc, "bc")
         with tracking.start_run("evaluate", params, tags={"stage": "evaluate"}):
             report, runs = {}, {}
             for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent), ("bot", None)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from tc import tracking
-from tc.evaluate import EvaluateConfig, evaluate, load_agent_for, success_difference
+from tc.evaluate import EvaluateConfig, evaluate, success_difference
 from tc.io import write_json_atomic
 from tc.ood import AXES, load_level_sets
 from tc.params import load_configs, user_errors
@@ -33,9 +33,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with user_errors():
         params, c = load_configs(args.params, evaluate=EvaluateConfig)
-        device = c.evaluate.device_for_torch()
         sets = load_level_sets(args.levels)
-        tc_agent, bc_agent = load_agent_for(args.tc, "tc", device), load_agent_for(args.bc, "bc", device)
+        tc_agent, bc_agent = c.evaluate.load_agent(args.tc, "tc"), c.evaluate.load_agent(args.bc, "bc")
         # Every seed once per mode (a seed may sit in a bin of each axis), then grouped by bin.
         seeds = sorted({s for axis in AXES for bin_seeds in sets[axis].values() for s in bin_seeds})
 

@@ -16,7 +16,7 @@ import argparse
 
 from tc import tracking
 from tc.demos import DemosConfig
-from tc.evaluate import EvaluateConfig, load_agent_for
+from tc.evaluate import EvaluateConfig
 from tc.io import write_json_atomic
 from tc.params import load_configs, user_errors
 from tc.safety import SafetyConfig, run_precrime
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with user_errors():
         params, c = load_configs(args.params, evaluate=EvaluateConfig, demos=DemosConfig, safety=SafetyConfig)
-        agent = load_agent_for(args.tc, "tc", c.evaluate.device_for_torch())
+        agent = c.evaluate.load_agent(args.tc, "tc")
         seeds = list(range(c.safety.seed, c.safety.seed + c.safety.episodes))
 
         with tracking.start_run("safety", params, tags={"stage": "safety"}):

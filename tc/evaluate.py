@@ -31,6 +31,8 @@ from tqdm import tqdm
 from tc import fastobs, vocab
 from tc.checkpoint import CheckpointError, load_agent
 from tc.device import pick_device
+from tc.kernels import COMPILE_MODES
+from tc.model import compile_or_warn
 from tc.envs import ACTION_NAMES, Actions, check_env_id, make_env, reset_quiet
 from tc.params import check_fields, param
 from tc.stats import paired_difference, wilson_interval
@@ -341,6 +343,7 @@ class EvaluateConfig:
     device: str = param("auto", choices=("auto", "cpu", "cuda"), speed=True)
     threads: int = param(1, ge=0, speed=True)
     max_steps: int | None = param(None, ge=1)  # None: the level's own step limit
+    compile: str | None = param(None, choices=COMPILE_MODES, speed=True)  # torch.compile of each step (Agent.compile_steps)
 
     def __post_init__(self):
         check_fields(self, "evaluate")
@@ -353,6 +356,12 @@ class EvaluateConfig:
     def device_for_torch(self) -> torch.device:
         """The device of ``device``, with ``threads`` intra-op threads on the CPU (see tc.device)."""
         return pick_device(self.device, self.threads)
+
+    def load_agent(self, path, mode: str):
+        """The checkpoint at ``path`` for ``mode`` on this config's device, compiled as ``compile`` says."""
+        agent = load_agent_for(path, mode, self.device_for_torch())
+        compile_or_warn(agent, self.compile, "evaluate.compile")
+        return agent
 
 
 def summarize(episodes: list[Rollout]) -> dict:

@@ -15,6 +15,8 @@ Everything here is exact: the same maths as ``nn.LSTMCell`` / ``nn.Linear``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -100,27 +102,58 @@ class TapedLinear:
         return taped_linear(x, self.weight, self.tape, self.bias)
 
 
+# train.compile / evaluate.compile: null (eager) or one of torch.compile's modes (tc.model.Agent.compile_steps).
+# Not "reduce-overhead": its CUDA graphs are recorded per input shape, and the active rows change
+# at every step of every batch.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_problem(device: torch.device | str, mode: str) -> str | None:
+    """Why ``torch.compile(mode=mode)`` cannot run on ``device`` here (no C++ compiler, no
+    Triton, an unsupported platform...), in one line; None when it can.
+
+    torch.compile fails only when a compiled function is first called, possibly in the
+    middle of training: this compiles and runs a tiny function with its backward first.
+    """
+
+    def probe(x: Tensor) -> Tensor:  # its own code object: no recompile counted against the agent's
+        return torch.sigmoid(x) * x
+
+    try:
+        torch.compile(probe, dynamic=True, mode=mode)(torch.ones(2, 4, device=device, requires_grad=True)).sum().backward()
+    except Exception as err:  # noqa: BLE001 -- whatever the cause, the agent then runs eagerly
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return None
+
+
+def lstm_pointwise(x_gates: Tensor, h_gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM cell's update from the input's and the memory's gate terms [n, 4m]; returns (h, c)."""
+    i, f, g, o = (x_gates + h_gates).chunk(4, 1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 class TapedLSTMCell:
     """An ``nn.LSTMCell`` stepped through time: both weights' gradients through tapes.
 
     ``input_gates`` may be computed for many rows at once (inputs that do not depend on
-    the recurrence) and fed to ``step``.
+    the recurrence) and fed to ``step``. ``pointwise``: :func:`lstm_pointwise` or a
+    compiled version of it (tc.model.Agent.compile_steps).
     """
 
-    def __init__(self, cell: nn.LSTMCell):
+    def __init__(self, cell: nn.LSTMCell, pointwise: Callable = lstm_pointwise):
         self.weight_ih, self.weight_hh = autocast_once(cell.weight_ih), autocast_once(cell.weight_hh)
         self.bias = autocast_once(cell.bias_ih + cell.bias_hh)
         self.tape_ih, self.tape_hh = GradTape(), GradTape()
+        self.pointwise = pointwise
 
     def input_gates(self, x: Tensor) -> Tensor:
         return taped_linear(x, self.weight_ih, self.tape_ih, self.bias)
 
     def step(self, x_gates: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """One step given the input's gate term; returns (h, c)."""
-        gates = x_gates + taped_linear(h, self.weight_hh, self.tape_hh)
-        i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        return self.pointwise(x_gates, taped_linear(h, self.weight_hh, self.tape_hh), c)
 
     def __call__(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         return self.step(self.input_gates(x), h, c)

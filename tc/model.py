@@ -34,6 +34,7 @@ same ``forward`` with one step.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from tc import vocab
-from tc.kernels import TapedLinear, TapedLSTMCell, per_step
+from tc.kernels import TapedLinear, TapedLSTMCell, compile_problem, lstm_pointwise, per_step
 from tc.params import check_fields, dataclass_from_dict, param
 
 N_ACTIONS = 7  # left, right, forward, pickup, drop, toggle, done
@@ -297,6 +298,7 @@ class ThoughtGenerator(nn.Module):
         self.memory = nn.LSTMCell(cfg.image_dim, m)
         self.decoder = nn.LSTMCell(d, m)
         self.decoder_out = nn.Linear(m, cfg.vocab_size)
+        self.pointwise = lstm_pointwise  # or its compiled version (Agent.compile_steps)
 
     def forward(
         self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
@@ -308,11 +310,10 @@ class ThoughtGenerator(nn.Module):
         steering); None: the level's own greedy thoughts (free running). Returns (thoughts,
         their word encodings and mask, memory h and c of every row, new state).
         """
-        p = self.cfg.attn_dropout
         feats = self.films[0].features(x0)  # independent of the recurrence: all rows at once
         words, mask = mission["words"], mission["mask"]
         kvs = [blk.keys_values(words) for blk in self.refer]
-        memory, history = TapedLSTMCell(self.memory), TapedLSTMCell(self.history)
+        memory, history = TapedLSTMCell(self.memory, self.pointwise), TapedLSTMCell(self.history, self.pointwise)
         to_query, to_key, to_thought_key = (TapedLinear(m) for m in (self.history_to_query, self.memory_to_key,
                                                                       self.memory_to_thought_key))
         given = thoughts is not None
@@ -324,12 +325,10 @@ class ThoughtGenerator(nn.Module):
         h, c, hh, hc = state["up_h"], state["up_c"], state["hist_h"], state["hist_c"]
         hs, cs, generated = [], [], []
         for t, (n, x0_n, feats_n, *thought_n) in enumerate(steps):
-            h, c, hh, hc, words_n, mask_n = h[:n], c[:n], hh[:n], hc[:n], words[:n], mask[:n]
-            query = to_query(memory_input(hh, hc))
-            for blk, (k, v) in zip(self.refer, kvs):
-                query = blk(query, k[:n], v[:n], mask_n)
-            cond = query + attend(to_key(memory_input(h, c)), words_n, mask_n, p, self.training)
-            h, c = memory(film_pool(self.films, x0_n, cond, feats_n), h, c)
+            h, c, hh, hc = h[:n], c[:n], hh[:n], hc[:n]
+            x = self.condition(to_query(memory_input(hh, hc)), to_key(memory_input(h, c)),
+                               *(part[:n] for kv in kvs for part in kv), words[:n], mask[:n], x0_n, feats_n)
+            h, c = memory(x, h, c)
             if not given:
                 tokens = self.decode_greedy(h, c, perception.word_embedding)
                 thought_n = perception.words(tokens, True)
@@ -337,14 +336,31 @@ class ThoughtGenerator(nn.Module):
             # The history after a chunk's last step only feeds the next chunk, through a
             # detached state: outside the graph (a taped weight must reach the loss at every use).
             with torch.set_grad_enabled(torch.is_grad_enabled() and t < len(sizes) - 1):
-                pushed = attend(to_thought_key(memory_input(h, c)), *thought_n, p, self.training)
-                hh, hc = history(pushed, hh, hc)
+                hh, hc = history(self.attend(to_thought_key(memory_input(h, c)), *thought_n), hh, hc)
             hs.append(h)
             cs.append(c)
         if not given:
             thoughts, t_words, t_mask = (torch.cat(parts) for parts in zip(*generated))
         new_state = {"up_h": h, "up_c": c, "hist_h": hh, "hist_c": hc}
         return thoughts, t_words, t_mask, torch.cat(hs), torch.cat(cs), new_state
+
+    def condition(
+        self, query: Tensor, key: Tensor, k0: Tensor, v0: Tensor, k1: Tensor, v1: Tensor, words: Tensor,
+        mask: Tensor, x0: Tensor, feats: Tensor,
+    ) -> Tensor:
+        """One step's memory input: the REFER blocks (keys and values ``k0, v0, k1, v1``) and the
+        mission attention give the FiLM conditioning of the image; pooled [n, image_dim].
+
+        Between the taped matmuls of a step: what :meth:`Agent.compile_steps` compiles.
+        """
+        for blk, k, v in zip(self.refer, (k0, k1), (v0, v1)):
+            query = blk(query, k, v, mask)
+        cond = query + attend(key, words, mask, self.cfg.attn_dropout, self.training)
+        return film_pool(self.films, x0, cond, feats)
+
+    def attend(self, key: Tensor, words: Tensor, mask: Tensor) -> Tensor:
+        """Attention over a thought's words (compiled with :meth:`condition`)."""
+        return attend(key, words, mask, self.cfg.attn_dropout, self.training)
 
     def decode_teacher_forced(self, h: Tensor, c: Tensor, targets: Tensor, embedding: nn.Embedding) -> Tensor:
         """Logits [K, vocab] of each of the K words (and <eos>) of ``targets`` [N, L], in the order of
@@ -364,7 +380,7 @@ class ThoughtGenerator(nn.Module):
         active = torch.arange(L, device=h.device)[:, None] < sorted_len[None, :]  # [L, N], token-major
         counts = active.sum(1)
         # The input gates of a word depend on the word alone: one row per vocabulary entry.
-        cell = TapedLSTMCell(self.decoder)
+        cell = TapedLSTMCell(self.decoder, self.pointwise)
         gates = cell.input_gates(embedding.weight)[inputs.t()[active]]
         h, c = h[order], c[order]
         outs = []
@@ -414,28 +430,38 @@ class ActionGenerator(nn.Module):
         self.films = nn.ModuleList(FiLMBlock(cfg.image_dim, d) for _ in range(2))
         self.memory = nn.LSTMCell(cfg.image_dim, m)
         self.actor = nn.Sequential(nn.Linear(m, 64), nn.Tanh(), nn.Linear(64, N_ACTIONS))
+        self.pointwise = lstm_pointwise  # or its compiled version (Agent.compile_steps)
 
     def forward(
         self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
         thought_words: Tensor | None = None, thought_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Action logits [N, 7] for the time-major rows (image features ``x0``); new state."""
-        p, d = self.cfg.attn_dropout, self.cfg.instr_dim
         feats = self.films[0].features(x0)  # independent of the memory: all rows at once
-        memory, to_keys = TapedLSTMCell(self.memory), TapedLinear(self.memory_to_keys)
+        memory, to_keys = TapedLSTMCell(self.memory, self.pointwise), TapedLinear(self.memory_to_keys)
         thinking = thought_words is not None
         steps = per_step(sizes, x0, feats, *((thought_words, thought_mask) if thinking else ()))
         h, c = state["low_h"], state["low_c"]
         outs = []
         for n, x0_n, feats_n, *thought_n in steps:
             h, c = h[:n], c[:n]
-            keys = to_keys(memory_input(h, c))
-            cond = self.mission_proj(attend(keys[:, -d:], mission["words"][:n], mission["mask"][:n], p, self.training))
-            if thinking:
-                cond = cond + self.thought_proj(attend(keys[:, :d], *thought_n, p, self.training))
-            h, c = memory(film_pool(self.films, x0_n, cond, feats_n), h, c)
+            x = self.condition(to_keys(memory_input(h, c)), mission["words"][:n], mission["mask"][:n], x0_n, feats_n,
+                               *thought_n)
+            h, c = memory(x, h, c)
             outs.append(h)
         return self.actor(torch.cat(outs)), {"low_h": h, "low_c": c}
+
+    def condition(
+        self, keys: Tensor, words: Tensor, mask: Tensor, x0: Tensor, feats: Tensor,
+        thought_words: Tensor | None = None, thought_mask: Tensor | None = None,
+    ) -> Tensor:
+        """One step's memory input: the mission (and thought) attentions keyed by ``keys`` give the
+        FiLM conditioning of the image; pooled [n, image_dim]. What :meth:`Agent.compile_steps` compiles."""
+        p, d = self.cfg.attn_dropout, self.cfg.instr_dim
+        cond = self.mission_proj(attend(keys[:, -d:], words, mask, p, self.training))
+        if thought_words is not None:
+            cond = cond + self.thought_proj(attend(keys[:, :d], thought_words, thought_mask, p, self.training))
+        return film_pool(self.films, x0, cond, feats)
 
 
 # ----------------------------------------------------------------------------- agent
@@ -454,6 +480,28 @@ class Agent(nn.Module):
         # Channels-last convolution weights: the image stem yields NHWC tensors, and oneDNN's
         # NHWC kernels ran a 128-channel 7x7 conv (forward + backward) ~20% faster here.
         self.to(memory_format=torch.channels_last)
+
+    def compile_steps(self, mode: str = "default") -> str | None:
+        """Compile, with ``torch.compile`` (dynamic shapes), what a time step does between its taped
+        matmuls: each level's ``condition`` (attentions, FiLM, BatchNorm, pool), the thought
+        attention and the LSTM cells' pointwise update, so that the step loop runs fewer,
+        fused kernels (fewer launches on a GPU). The taped matmuls and the loop stay eager.
+        ``mode``: torch.compile's. The result equals the eager one up to float rounding
+        (tests); dropout draws other masks. Returns None, or why torch.compile cannot run
+        here (then nothing is compiled and the agent stays eager).
+        """
+        problem = compile_problem(next(self.parameters()).device, mode)
+        if problem is not None:
+            return problem
+        # Each function is compiled for a few variants (grad mode, n = 1 or more rows,
+        # thoughts given or not, views at offset 0 or not): more than dynamo's default of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for level in filter(None, (self.upper, self.lower)):
+            level.pointwise = torch.compile(lstm_pointwise, dynamic=True, mode=mode)
+            level.condition = torch.compile(level.condition, dynamic=True, mode=mode)
+        if self.upper is not None:
+            self.upper.attend = torch.compile(self.upper.attend, dynamic=True, mode=mode)
+        return None
 
     def encode_mission(self, missions: Tensor) -> dict[str, Tensor]:
         """Word encodings of the missions [B, M] (once per episode), batch-first."""
@@ -511,6 +559,18 @@ class Agent(nn.Module):
                 raise ValueError(f"thoughts have {thoughts.shape[1]} tokens, more than max_thought_len={self.cfg.max_thought_len}")
             thoughts = F.pad(thoughts, (0, extra), value=vocab.PAD)
         return self(images, [images.shape[0]], mission, state, thoughts)
+
+
+def compile_or_warn(agent: Agent, mode: str | None, setting: str) -> bool:
+    """``agent.compile_steps(mode)`` unless ``mode`` is None; where torch.compile cannot run,
+    one line on stderr names ``setting`` and the cause, and the agent stays eager. True if compiled."""
+    if mode is None:
+        return False
+    problem = agent.compile_steps(mode)
+    if problem is not None:
+        print(f"warning: {setting}: {mode}: torch.compile does not run here ({problem}); running eagerly",
+              file=sys.stderr)
+    return problem is None
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +44,8 @@ from tc import distributed, vocab
 from tc.checkpoint import check_config, load_checkpoint, save_checkpoint
 from tc.demos import Demos
 from tc.device import pick_device
-from tc.model import Agent, AgentOutput, ModelConfig, commit_batchnorm, count_parameters
+from tc.kernels import COMPILE_MODES
+from tc.model import Agent, AgentOutput, ModelConfig, commit_batchnorm, compile_or_warn, count_parameters
 from tc.params import check_fields, dataclass_from_dict, param
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -77,6 +78,9 @@ class TrainConfig:
     device: str = param("auto", choices=("auto", "cpu", "cuda"), speed=True)
     threads: int = param(1, ge=0, speed=True)  # torch intra-op threads on CPU (0: torch's default); see params.yaml
     amp: bool = param(False)  # bfloat16 autocast, on CUDA only (measured slower than fp32 on an H100)
+    # torch.compile of the step loop's work between matmuls (Agent.compile_steps); same maths up to
+    # float rounding, like the device, so a speed setting.
+    compile: str | None = param(None, choices=COMPILE_MODES, speed=True)
     nproc: int = param(1, ge=1, speed=True)  # data-parallel processes (stages/train.py starts torchrun when > 1)
 
     def __post_init__(self):
@@ -361,7 +365,7 @@ def check_resume(path: Path, ts: dict, cfg: TrainConfig, demos: Demos) -> None:
     """A resume checkpoint must come from the same training config and data (device may differ)."""
     saved = dict(ts["train_config"])
     now = asdict(cfg)
-    free = ("device", "threads", "checkpoint_interval", "nproc")  # they do not change what is learned
+    free = {f.name for f in fields(TrainConfig) if f.metadata["speed"]}  # they do not change what is learned
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items() if k not in free and saved.get(k) != v]
     if ts["data"] != data_signature(demos):
         diff.append(f"training data: checkpoint {ts['data']} vs now {data_signature(demos)}")
@@ -414,6 +418,7 @@ def train(
     agent = Agent(model_cfg).to(device)
     if world > 1:
         distributed.sync_batchnorm(agent)  # batch statistics of the whole batch, as with one process
+    compile_or_warn(agent, cfg.compile, "train.compile")
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     # Training position and everything needed to continue it (saved in last.pt).
     ts = {"epoch": 0, "batch": 0, "updates": 0, "frames": 0, "wall_time_s": 0.0, "history": [],

@@ -1,4 +1,5 @@
-"""The CUDA code path (fp32 and bfloat16 autocast) against the CPU eager result; skipped without CUDA."""
+"""The CUDA code path (fp32, bfloat16 autocast, torch.compile'd steps) against the CPU eager result;
+skipped without CUDA."""
 
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from tc.demos import generate_demos, load_demos
-from tc.model import Agent, ModelConfig
+from tc.model import Agent, ModelConfig, compile_or_warn
 from tc.train import TrainConfig, loss_scale, make_batch, run_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -21,9 +22,11 @@ def demos(tmp_path_factory):
     return load_demos(out)
 
 
-def gradients(device: str, demos, true_thoughts: bool, amp: bool) -> tuple[dict, dict]:
+def gradients(device: str, demos, true_thoughts: bool, amp: bool, compile: str | None = None) -> tuple[dict, dict]:
     torch.manual_seed(0)
     agent = Agent(MODEL).to(device).train()
+    if compile is not None:
+        assert compile_or_warn(agent, compile, "train.compile")  # Triton must work on a CUDA machine
     cfg = TrainConfig(batch_size=6, recurrence=5, device=device.split(":")[0], amp=amp)
     batch = make_batch(demos, np.arange(6), torch.device(device))
     sums = run_batch(agent, batch, cfg, true_thoughts, amp, loss_scale(demos, cfg))
@@ -51,3 +54,16 @@ def test_cuda_autocast_is_close_to_fp32(demos):
     flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
     cosine = torch.nn.functional.cosine_similarity(flat(amp_grads), flat(fp32_grads), dim=0)
     assert cosine > 0.99, cosine
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_cuda_compiled_steps_equal_eager(demos, mode, amp):
+    eager_sums, eager_grads = gradients("cuda", demos, True, amp)
+    sums, grads = gradients("cuda", demos, True, amp, compile=mode)
+    tol = dict(rel=0.02) if amp else dict(rel=1e-4, abs=1e-4)
+    for k in eager_sums:
+        assert sums[k] == pytest.approx(eager_sums[k], **tol), k
+    flat = lambda g: torch.cat([v.flatten() for v in g.values()])  # noqa: E731
+    assert grads.keys() == eager_grads.keys()
+    assert torch.nn.functional.cosine_similarity(flat(grads), flat(eager_grads), dim=0) > (0.99 if amp else 0.9999)
