@@ -7,6 +7,8 @@
 the same run and reports ``<mode>_..._fast_vs_minigrid`` (time ratio; > 1: ours is faster).
 ``--compile MODE`` also times the agent with its steps compiled (``evaluate.compile``) and
 reports ``<mode>_..._compiled_vs_eager`` (time ratio; > 1: compiled is faster).
+``--workers N`` also times the environments stepped in N processes (``evaluate.workers``)
+and reports ``<mode>_..._workers_vs_one`` (time ratio; > 1: the workers are faster).
 
 Every episode is capped at ``--max-steps`` so that both batch sizes do the same work
 (an untrained agent would otherwise wander to the level's limit). Without a checkpoint
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true",
                         help="also time minigrid's own observation and bot (evaluate fast=False), side by side")
     parser.add_argument("--compile", choices=COMPILE_MODES, help="also time the agent compiled in this mode")
+    parser.add_argument("--workers", type=int, help="also time the environments stepped in this many processes")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
@@ -68,24 +71,26 @@ def main() -> None:
                   for mode in args.modes}  # fmt: skip
     results = {}
     for mode, agent in agents.items():
-        variants = {"": (agent, True)}  # key suffix: (agent, fast)
+        variants = {"": (agent, True, 1)}  # key suffix: (agent, fast, workers)
         if args.reference:
-            variants["_minigrid"] = (agent, False)
+            variants["_minigrid"] = (agent, False, 1)
         if args.compile:
             compiled = copy.deepcopy(agent)
             if compile_or_warn(compiled, args.compile, "--compile"):
-                variants["_compiled"] = (compiled, True)
+                variants["_compiled"] = (compiled, True, 1)
+        if args.workers:
+            variants["_workers"] = (agent, True, args.workers)
         for threads in args.threads:
             torch.set_num_threads(threads)
             for batch in args.batch_sizes:
-                for suffix, (timed, fast) in variants.items():
+                for suffix, (timed, fast, workers) in variants.items():
                     # warm-up (a compiled agent compiles here, for the sizes of this batch)
                     evaluate(timed, args.level, seeds[:batch], mode, batch_size=batch, max_steps=4, progress=False)
                     times = []
                     for _ in range(args.repeats):  # alternating would be fairer on a busy machine; repeats are adjacent
                         start = time.perf_counter()
                         eps = evaluate(timed, args.level, seeds, mode, batch_size=batch, max_steps=args.max_steps,
-                                       progress=False, fast=fast)  # fmt: skip
+                                       progress=False, fast=fast, workers=workers)  # fmt: skip
                         times.append(time.perf_counter() - start)
                     steps, med = sum(e.length for e in eps), statistics.median(times)
                     key = f"{mode}_threads{threads}_batch{batch}{suffix}"
@@ -99,6 +104,8 @@ def main() -> None:
                     results[f"{key}_fast_vs_minigrid"] = results[f"{key}_minigrid"]["median_s"] / base
                 if "_compiled" in variants:  # > 1: compiled is faster than eager
                     results[f"{key}_compiled_vs_eager"] = base / results[f"{key}_compiled"]["median_s"]
+                if "_workers" in variants:  # > 1: the worker processes are faster than stepping here
+                    results[f"{key}_workers_vs_one"] = base / results[f"{key}_workers"]["median_s"]
             first = results[f"{mode}_threads{threads}_batch{args.batch_sizes[0]}"]["episodes_per_s"]
             for batch in args.batch_sizes[1:]:
                 key = f"{mode}_threads{threads}_speedup_batch{batch}_vs_{args.batch_sizes[0]}"
@@ -109,7 +116,7 @@ def main() -> None:
             "level": args.level, "episodes": args.episodes, "max_steps": args.max_steps, "repeats": args.repeats,
             "checkpoint": args.checkpoint, "torch": torch.__version__, "threads": args.threads,
             "device": args.device if args.device == "cpu" else f"cuda: {torch.cuda.get_device_name()}",
-            "compile": args.compile,
+            "compile": args.compile, "workers": args.workers,
             "cpus": os.cpu_count(), "machine": platform.machine(),
             "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(),
         },

@@ -133,7 +133,7 @@ def run(args, model_cfg: ModelConfig, cfg: TrainConfig, demos_cfg: DemosConfig, 
 
     def evaluate_fn(agent) -> dict:
         episodes = evaluate(agent, demos_cfg.level, val_seeds, args.agent, batch_size=eval_cfg.batch_size,
-                            sample_seed=cfg.seed, progress=False)  # fmt: skip
+                            sample_seed=cfg.seed, progress=False, workers=eval_cfg.workers)  # fmt: skip
         return summarize(episodes)
 
     # The data's params too: runs on other demos must be told apart by their params, not only by tags.

@@ -19,97 +19,29 @@ episodes share its batch or on the batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
-from minigrid.envs.babyai.core.verifier import PickupInstr, SeqInstr
-from minigrid.utils.baby_ai_bot import DisappearedBoxError
 from tqdm import tqdm
 
-from tc import fastobs, vocab
+from tc import vocab
 from tc.checkpoint import CheckpointError, load_agent
 from tc.device import pick_device
+from tc.envs import check_env_id
+from tc.episodes import PICKUP, EnvGroup, Interaction, Rollout  # noqa: F401  (Interaction, PICKUP: re-exported)
 from tc.kernels import COMPILE_MODES
 from tc.model import compile_or_warn
-from tc.envs import ACTION_NAMES, Actions, check_env_id, make_env, reset_quiet
 from tc.params import check_fields, param
 from tc.stats import paired_difference, wilson_interval
-from tc.thoughts import ThoughtBot
 
 MODES = ("tc", "bc", "oracle", "bot")
-PICKUP, DROP, TOGGLE = Actions.pickup, Actions.drop, Actions.toggle
 
 # on_step(episode_index, step, env, thought, action) -> True to halt the episode before the action.
 OnStep = Callable[[int, int, object, str | None, int], bool]
 # thought_override(episode_index, step, proposed_thought) -> thought to act on, or None to keep it.
 ThoughtOverride = Callable[[int, int, str], str | None]
-
-
-@dataclass
-class Interaction:
-    """A pickup/drop/toggle that changed the world (the object was taken, put down, or toggled)."""
-
-    step: int
-    verb: str  # "pickup" | "drop" | "toggle"
-    color: str
-    type: str
-    requested: bool  # the object is one the mission asks to pick up
-
-
-@dataclass
-class Rollout:
-    """One evaluated episode of an agent (or the bot): what it did, thought and achieved.
-
-    Not a demonstration (``tc.demos.Episode``: the bot's recorded observations, for training).
-    """
-
-    seed: int
-    mission: str
-    success: bool = False
-    reward: float = 0.0
-    length: int = 0
-    halted: bool = False  # stopped by an on_step hook (precrime intervention)
-    bot_restarts: int = 0  # oracle mode: times the bot could not follow the agent and a new one took over
-    actions: list[int] = field(default_factory=list)
-    thoughts: list[str] = field(default_factory=list)  # thought in force at each step; empty for bc
-    interactions: list[Interaction] = field(default_factory=list)
-    frames: list[np.ndarray] = field(default_factory=list)  # only with render=True
-
-
-def requested_objects(env) -> list:
-    """World objects the mission asks to pick up (PickupInstr descriptions, whole tree)."""
-
-    def walk(instr):
-        if isinstance(instr, SeqInstr):
-            return walk(instr.instr_a) + walk(instr.instr_b)
-        return list(instr.desc.obj_set) if isinstance(instr, PickupInstr) else []
-
-    return walk(env.unwrapped.instrs)
-
-
-def step_env(env, action: int, step: int, requested: list) -> tuple[dict, float, bool, Interaction | None]:
-    """Apply ``action``; return (observation, reward, episode over, the interaction it caused if any)."""
-    u = env.unwrapped
-    front = u.grid.get(*u.front_pos)
-    carried = u.carrying
-    before = (front.is_open, front.is_locked) if front is not None and front.type == "door" else None
-    obs, reward, terminated, truncated, _ = env.step(action)
-    obj = None
-    if action == PICKUP and carried is None and u.carrying is not None:
-        obj = u.carrying
-    elif action == DROP and carried is not None and u.carrying is None:
-        obj = carried
-    elif action == TOGGLE and front is not None:
-        after = u.grid.get(*u.front_pos)
-        changed = after is not front or (before is not None and (front.is_open, front.is_locked) != before)
-        obj = front if changed else None
-    event = None
-    if obj is not None:
-        verb = ACTION_NAMES[action]
-        event = Interaction(step, verb, obj.color, obj.type, any(obj is r for r in requested))
-    return obs, float(reward), bool(terminated or truncated), event
 
 
 def _thought_tensor(texts: list[str], device) -> torch.Tensor:
@@ -164,6 +96,7 @@ def evaluate(
     max_steps: int | None = None,
     progress: bool = True,
     fast: bool = True,
+    workers: int = 1,
 ) -> list[Rollout]:
     """Run one episode per seed and return them in the order of ``seeds`` (``agent`` is left in eval mode).
 
@@ -175,6 +108,9 @@ def evaluate(
     ``max_steps`` overrides the level's own step limit (BossLevel allows ~600 per subtask).
     ``fast``: observations by tc.fastobs and the bot as tc.fastbot (byte-identical images, the
     same decisions; tests compare); False runs minigrid's own, the reference.
+    ``workers``: processes stepping the environments (and bots) while this one runs the agent;
+    1: all in this process, as always with ``on_step`` (it reads the world). The results do
+    not depend on it (tc.episodes).
     """
     check_env_id(env_id)
     check_mode(agent, mode)
@@ -188,103 +124,62 @@ def evaluate(
     env_kwargs = {"render_mode": "rgb_array"} if render else {}
     if max_steps is not None:
         env_kwargs["max_steps"] = int(max_steps)
-    envs = [make_env(env_id, **env_kwargs) for _ in range(min(batch_size, len(seeds)))]
-    if fast:
-        for env in envs:
-            fastobs.install(env)
-    bot_kind = "fast" if fast else "minigrid"
+    if on_step is not None:
+        workers = 1  # the hook reads the world: the environments must be in this process
     episodes: list[Rollout] = []
     bar = tqdm(total=len(seeds), desc=f"eval {mode}", unit="ep", disable=not progress)
-    for start in range(0, len(seeds), batch_size):
-        chunk = [int(s) for s in seeds[start : start + batch_size]]
-        obs = [reset_quiet(env, s) for env, s in zip(envs, chunk)]
-        eps = [Rollout(seed=s, mission=o["mission"]) for s, o in zip(chunk, obs)]
-        requested = [requested_objects(env) for env in envs[: len(chunk)]]
-        bots = [ThoughtBot(env, bot_kind) for env in envs[: len(chunk)]] if mode in ("oracle", "bot") else None
-        advice = [bot.step(None) for bot in bots] if bots else None  # the bot's (action, thought) for this step
-        rngs = [np.random.default_rng([sample_seed, s]) for s in chunk]
-        live = list(range(len(chunk)))  # positions in the chunk, aligned with the rows of state/enc
-        if agent is not None:
-            with torch.inference_mode():
-                missions = torch.from_numpy(vocab.encode_padded([e.mission for e in eps])).long().to(device)
-                enc = agent.encode_mission(missions)
-                state = agent.initial_state(len(chunk), device)
-        while live:
-            step = len(eps[live[0]].actions)  # all live episodes are at the same step
-            if render:
-                for j in live:
-                    eps[j].frames.append(envs[j].render())
-            if mode == "bot":
-                actions = [advice[j][0] for j in live]
-                thoughts = [advice[j][1] for j in live]
-            else:
-                given = [advice[j][1] for j in live] if mode == "oracle" else None
-                thoughts, actions, state = _agent_step(
-                    agent, obs, live, enc, state, given, rngs, argmax, thought_override, start, step, device
-                )
-            keep = []
-            for k, j in enumerate(live):
-                ep, a = eps[j], int(actions[k])
-                thought = thoughts[k] if thoughts is not None else None
-                if on_step is not None and on_step(start + j, step, envs[j], thought, a):
-                    ep.halted = True
-                    bar.update()
-                    continue
-                ep.actions.append(a)
-                if thought is not None:
-                    ep.thoughts.append(thought)
-                obs[j], reward, done, event = step_env(envs[j], a, step, requested[j])
-                ep.length += 1
-                ep.reward += reward
-                if event is not None:
-                    ep.interactions.append(event)
-                if not done and bots is not None:
-                    advice[j] = _advise(bots, j, envs[j], ep, a, advice[j], bot_kind)
-                if done:
-                    ep.success = reward > 0
-                    if render:
-                        ep.frames.append(envs[j].render())
-                    bar.update()
+    with EnvGroup(env_id, env_kwargs, fast, mode in ("oracle", "bot"), min(batch_size, len(seeds)), workers) as group:
+        for start in range(0, len(seeds), batch_size):
+            chunk = [int(s) for s in seeds[start : start + batch_size]]
+            missions, views = zip(*group.reset(chunk))
+            views = list(views)
+            rngs = [np.random.default_rng([sample_seed, s]) for s in chunk]
+            live = list(range(len(chunk)))  # slots, aligned with the rows of state/enc
+            if agent is not None:
+                with torch.inference_mode():
+                    enc = agent.encode_mission(torch.from_numpy(vocab.encode_padded(list(missions))).long().to(device))
+                    state = agent.initial_state(len(chunk), device)
+            step = 0  # all live episodes are at the same step
+            while live:
+                if mode == "bot":
+                    actions = [views[j].advice[0] for j in live]
+                    thoughts = [views[j].advice[1] for j in live]
                 else:
-                    keep.append(k)
-            if agent is not None and len(keep) < len(live):
-                rows = torch.tensor(keep, dtype=torch.long, device=device)
-                state = {key: v.index_select(0, rows) for key, v in state.items()}
-                enc = {key: v.index_select(0, rows) for key, v in enc.items()}
-            live = [live[k] for k in keep]
-        episodes.extend(eps)
+                    given = [views[j].advice[1] for j in live] if mode == "oracle" else None
+                    thoughts, actions, state = _agent_step(
+                        agent, views, live, enc, state, given, rngs, argmax, thought_override, start, step, device
+                    )
+                moves = {}
+                for k, j in enumerate(live):
+                    thought = thoughts[k] if thoughts is not None else None
+                    if on_step is not None and on_step(start + j, step, group.env(j), thought, int(actions[k])):
+                        group.halt(j)
+                        continue
+                    moves[j] = (int(actions[k]), thought)
+                views_now = group.step(moves)
+                keep = [k for k, j in enumerate(live) if j in views_now and not views_now[j].done]
+                bar.update(len(live) - len(keep))
+                for j, view in views_now.items():
+                    views[j] = view
+                if agent is not None and len(keep) < len(live):
+                    rows = torch.tensor(keep, dtype=torch.long, device=device)
+                    state = {key: v.index_select(0, rows) for key, v in state.items()}
+                    enc = {key: v.index_select(0, rows) for key, v in enc.items()}
+                live = [live[k] for k in keep]
+                step += 1
+            episodes.extend(group.rollouts(len(chunk)))
     bar.close()
     return episodes
 
 
-def _advise(bots: list, j: int, env, ep: Rollout, action: int, previous: tuple[int, str],
-            kind: str) -> tuple[int, str]:  # fmt: skip
-    """The next (action, thought) of bot ``j``, told the action actually taken.
-
-    The minigrid bot gives up when the agent opened a box (DisappearedBoxError) or moved the
-    world into a state its planner asserts against (e.g. no path to a target it had found).
-    Then a new bot plans from the current state (``ep.bot_restarts`` counts it); should that
-    one fail too, the previous advice stands for this step and the next step tries again.
-    """
-    try:
-        return bots[j].step(action)
-    except (DisappearedBoxError, AssertionError):
-        ep.bot_restarts += 1
-    try:
-        bots[j] = ThoughtBot(env, kind)
-        return bots[j].step(None)
-    except (DisappearedBoxError, AssertionError):
-        return previous
-
-
 @torch.inference_mode()
-def _agent_step(agent, obs, live, enc, state, given, rngs, argmax, thought_override, start, step, device):
-    """One forward pass for the live rows: returns (thought texts or None, actions, new state).
+def _agent_step(agent, views, live, enc, state, given, rngs, argmax, thought_override, start, step, device):
+    """One forward pass for the live slots: returns (thought texts or None, actions, new state).
 
     ``given``: thoughts to act on (oracle) instead of generated ones.
     """
-    images = torch.from_numpy(np.stack([obs[j]["image"] for j in live])).to(device)
-    directions = torch.tensor([int(obs[j]["direction"]) for j in live], dtype=torch.long, device=device)
+    images = torch.from_numpy(np.stack([views[j].image for j in live])).to(device)
+    directions = torch.tensor([views[j].direction for j in live], dtype=torch.long, device=device)
     out = agent.act(images, directions, enc, state, thoughts=None if given is None else _thought_tensor(given, device))
     thoughts = given
     if given is None and out.thoughts is not None:
@@ -344,14 +239,15 @@ class EvaluateConfig:
     threads: int = param(1, ge=0, speed=True)
     max_steps: int | None = param(None, ge=1)  # None: the level's own step limit
     compile: str | None = param(None, choices=COMPILE_MODES, speed=True)  # torch.compile of each step (Agent.compile_steps)
+    workers: int = param(1, ge=1, speed=True)  # processes stepping the environments and bots (evaluate's workers)
 
     def __post_init__(self):
         check_fields(self, "evaluate")
 
     def kwargs(self) -> dict:
-        """Keyword arguments of :func:`evaluate`: batch_size, argmax, sample_seed (= seed), max_steps."""
+        """Keyword arguments of :func:`evaluate`: batch_size, argmax, sample_seed (= seed), max_steps, workers."""
         return {"batch_size": self.batch_size, "argmax": self.argmax, "sample_seed": self.seed,
-                "max_steps": self.max_steps}  # fmt: skip
+                "max_steps": self.max_steps, "workers": self.workers}  # fmt: skip
 
     def device_for_torch(self) -> torch.device:
         """The device of ``device``, with ``threads`` intra-op threads on the CPU (see tc.device)."""

@@ -127,8 +127,9 @@ def test_cli_watch_and_show(tmp_path, capsys):
 
 
 def test_evaluate_config_gives_the_evaluate_arguments():
-    cfg = EvaluateConfig(seed=1, episodes=4, batch_size=8, argmax=False, device="cpu", threads=1, max_steps=None)
-    assert cfg.kwargs() == {"batch_size": 8, "argmax": False, "sample_seed": 1, "max_steps": None}
+    cfg = EvaluateConfig(seed=1, episodes=4, batch_size=8, argmax=False, device="cpu", threads=1, max_steps=None,
+                         workers=3)  # fmt: skip
+    assert cfg.kwargs() == {"batch_size": 8, "argmax": False, "sample_seed": 1, "max_steps": None, "workers": 3}
     with pytest.raises(ValueError, match="evaluate.batch_size = '8': expected an int >= 1"):
         EvaluateConfig(batch_size="8")
 
@@ -153,3 +154,19 @@ def test_fast_evaluation_equals_minigrids_own(mode):
     assert [fields(e) for e in runs[0]] == [fields(e) for e in runs[1]]
     if mode == "oracle":
         assert sum(e.bot_restarts for e in runs[0]) > 0  # the re-planning path ran
+
+
+@pytest.mark.parametrize("mode", ["oracle", "bc", "bot"])
+def test_environments_in_worker_processes_change_nothing(mode):
+    # 2 workers over 3 slots (2 + 1) and two chunks, the second smaller: every path of EnvGroup.
+    agent = None if mode == "bot" else tiny_agent(use_thoughts=mode != "bc")
+    seeds = [18, 40, 41, 42, 43]  # BossLevel 18: the oracle's bot gives up and re-plans
+    runs = [evaluate(agent, BOSS, seeds, mode, batch_size=3, max_steps=40, progress=False, workers=w) for w in (1, 2)]
+    assert runs[0] == runs[1]  # Rollouts compare field by field: actions, thoughts, interactions, restarts...
+    assert sum(e.length for e in runs[0]) > 50
+
+
+def test_a_failing_environment_worker_names_itself():
+    # slot 1 (worker 1 of 2) gets a seed gymnasium refuses; the traceback comes back with the error
+    with pytest.raises(RuntimeError, match=r"environment worker 1 failed:(.|\n)*[Ss]eed must be"):
+        evaluate(None, BOSS, [0, -1, 1, 2], "bot", batch_size=4, progress=False, workers=2)
