@@ -23,6 +23,7 @@ from minigrid.utils.baby_ai_bot import DisappearedBoxError
 
 from tc import fastobs
 from tc.envs import ACTION_NAMES, Actions, make_env, reset_quiet
+from tc.params import UserError
 from tc.thoughts import ThoughtBot
 
 PICKUP, DROP, TOGGLE = Actions.pickup, Actions.drop, Actions.toggle
@@ -215,6 +216,8 @@ class EnvGroup:
                 status, payload = conn.recv()
             except (EOFError, OSError):
                 raise RuntimeError(f"environment worker {w} exited (exit code {self.procs[w].exitcode})") from None
+            if status == "user error":  # e.g. a seed whose level is never generated: one line, as in-process
+                raise payload
             if status == "error":
                 raise RuntimeError(f"environment worker {w} failed:\n{payload}")
             mine = [j for j in requests if j % self.workers == w]
@@ -269,5 +272,7 @@ def _serve(conn, slot_args: tuple, size: int) -> None:
             return
         try:
             conn.send(("ok", [getattr(slots[j], method)(*args) for j, method, *args in requests]))
+        except UserError as err:
+            conn.send(("user error", err))
         except Exception:  # noqa: BLE001 -- the calling process raises it, with the worker's traceback
             conn.send(("error", traceback.format_exc()))

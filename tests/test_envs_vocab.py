@@ -1,8 +1,11 @@
+import signal
+import time
+
 import numpy as np
 import pytest
 
 from tc import vocab
-from tc.envs import babyai_ids, make_env, reset_quiet
+from tc.envs import LevelGenerationError, babyai_ids, make_env, reset_quiet
 
 
 def test_unknown_level_names_close_matches():
@@ -23,6 +26,17 @@ def test_reset_is_seeded_and_quiet(capfd):
     assert a["mission"] == b["mission"] and np.array_equal(a["image"], b["image"])
     assert a["mission"] != c["mission"] or not np.array_equal(a["image"], c["image"])
     assert "Sampling rejected" not in capfd.readouterr().out
+
+
+def test_a_level_that_is_never_generated_is_an_error_naming_the_seed():
+    # minigrid's RoomGrid.place_agent loops forever on this seed: without the deadline, a hang
+    env = make_env("BabyAI-SynthS5R2-v0")
+    start = time.monotonic()
+    with pytest.raises(LevelGenerationError, match="BabyAI-SynthS5R2-v0: seed 200000192 was not generated within 1 s"):
+        reset_quiet(env, 200000192, timeout_s=1)
+    assert time.monotonic() - start < 5
+    assert reset_quiet(env, 200000193)["image"].shape == (7, 7, 3)  # the next reset runs, the alarm is off
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
 
 
 def test_every_level_mission_is_in_vocabulary():

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from tc.cli import main as tc_main
-from tc.envs import make_env, reset_quiet
+from tc.envs import LevelGenerationError, make_env, reset_quiet
 from tc.evaluate import PICKUP, EvaluateConfig, evaluate, steer, summarize
 from tc.model import Agent, ModelConfig
 from tc.ood import bot_solution_length
@@ -170,3 +170,9 @@ def test_a_failing_environment_worker_names_itself():
     # slot 1 (worker 1 of 2) gets a seed gymnasium refuses; the traceback comes back with the error
     with pytest.raises(RuntimeError, match=r"environment worker 1 failed:(.|\n)*[Ss]eed must be"):
         evaluate(None, BOSS, [0, -1, 1, 2], "bot", batch_size=4, progress=False, workers=2)
+
+
+def test_a_seed_never_generated_in_a_worker_is_the_same_one_line_error(monkeypatch):
+    monkeypatch.setattr("tc.envs.RESET_TIMEOUT_S", 1.0)  # the forked workers inherit it
+    with pytest.raises(LevelGenerationError, match="seed 200000192 was not generated"):
+        evaluate(None, "BabyAI-SynthS5R2-v0", [200000191, 200000192], "bot", batch_size=2, progress=False, workers=2)
