@@ -22,6 +22,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def goto_demos(tmp_path_factory):
+    """Six noise-free BabyAI-GoToLocal bot demos: a real batch for a tiny model's training step."""
+    from tc.demos import generate_demos, load_demos
+
+    out = tmp_path_factory.mktemp("demos") / "goto"
+    generate_demos("BabyAI-GoToLocal-v0", 0, 6, out, noise_rate=0.0, progress=False)
+    return load_demos(out)
+
+
 @pytest.fixture
 def stage_main():
     """``stage_main(name)``: the ``main(argv)`` of stages/<name>.py (the stages are scripts, not a package),

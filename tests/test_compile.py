@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from tc.demos import generate_demos, load_demos
 from tc.evaluate import evaluate
 from tc.model import Agent, ModelConfig, compile_or_warn
 from tc.train import TrainConfig, loss_scale, make_batch, run_batch
@@ -20,10 +19,8 @@ MODEL = dict(image_dim=16, memory_dim=32, instr_dim=16, dropout=0.0, attn_dropou
 
 
 @pytest.fixture(scope="module")
-def demos(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demos") / "goto"
-    generate_demos("BabyAI-GoToLocal-v0", 0, 6, out, noise_rate=0.0, progress=False)
-    return load_demos(out)
+def demos(goto_demos):
+    return goto_demos
 
 
 def gradients(demos, use_thoughts: bool, true_thoughts: bool, compiled: bool) -> tuple[dict, dict]:

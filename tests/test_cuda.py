@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from tc.demos import generate_demos, load_demos
 from tc.model import Agent, ModelConfig, compile_or_warn
 from tc.train import TrainConfig, loss_scale, make_batch, run_batch
 
@@ -16,10 +15,8 @@ MODEL = ModelConfig(image_dim=16, memory_dim=32, instr_dim=16, dropout=0.0, attn
 
 
 @pytest.fixture(scope="module")
-def demos(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demos") / "goto"
-    generate_demos("BabyAI-GoToLocal-v0", 0, 6, out, noise_rate=0.0, progress=False)
-    return load_demos(out)
+def demos(goto_demos):
+    return goto_demos
 
 
 def gradients(device: str, demos, true_thoughts: bool, amp: bool, compile: str | None = None) -> tuple[dict, dict]:
