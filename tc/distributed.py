@@ -81,8 +81,6 @@ class SyncBatchNorm2d(BatchNorm2d):
     rank must call it equally often, in the same order (hence the empty steps of tc.train).
     """
 
-    # Under Agent.compile_steps the collective runs eagerly, between two compiled graphs.
-    @torch.compiler.disable
     def reduce(self, sums: torch.Tensor) -> torch.Tensor:
         return _AllReduceSum.apply(sums)
 
