@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import urllib.error
@@ -116,7 +117,8 @@ def run_tags() -> dict[str, str]:
     the experiment branches from) under ``dvc exp run``, queued and --temp runs included.
     """
     rev = git_revision()
-    tags = {"git_rev": rev, "mlflow.source.git.commit": rev, "pipeline_run": pipeline_run_id(rev)}
+    tags = {"git_rev": rev, "mlflow.source.git.commit": rev, "pipeline_run": pipeline_run_id(rev),
+            "host": socket.gethostname(), "pid": str(os.getpid())}
     for env, tag in (
         ("DVC_EXP_NAME", "dvc_exp_name"),
         ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev"),
@@ -163,7 +165,9 @@ def start_run(
     display = f"{run_name} [{os.environ['DVC_EXP_NAME']}]" if os.environ.get("DVC_EXP_NAME") else run_name
     try:
         mlflow.set_tracking_uri(uri)
-        run = mlflow.start_run(run_name=display, experiment_id=_experiment_id(name, uri), nested=nested, tags=all_tags)
+        experiment_id = _experiment_id(name, uri)
+        end_orphaned_runs(experiment_id)
+        run = mlflow.start_run(run_name=display, experiment_id=experiment_id, nested=nested, tags=all_tags)
     except Exception as err:  # the store's own errors (SQLAlchemy, MlflowException): read-only, not a database...
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise TrackingUnavailableError(f"MLflow store {uri} cannot take runs: {first}") from err
@@ -178,6 +182,36 @@ def start_run(
             mlflow.end_run("FAILED")
             raise
         mlflow.end_run("FINISHED")
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of this host still RUNNING whose process is gone; returns their ids.
+
+    A SIGKILL (out of memory, ``kill -9``, a lost job) leaves no chance to end a run, so it
+    would stay RUNNING in MLflow forever. The next run on the same host ends it. A run whose
+    pid now belongs to another live process is left alone.
+    """
+    client = mlflow.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    stale = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.host = '{host}'")
+    ended = []
+    for run in stale:
+        pid = run.data.tags.get("pid", "")
+        if pid.isdigit() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "ended_by", f"a later run: process {pid} was gone")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 @contextlib.contextmanager

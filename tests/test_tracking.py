@@ -162,3 +162,26 @@ def test_dvc_exp_run_tags_the_experiment(tmp_path):
     assert row["tags.dvc_exp_name"] == "probe-exp" and row["tags.pipeline_run"] == "probe-exp"
     assert row["tags.dvc_stage"] == "probe" and row["tags.git_rev"] == head and row["tags.dvc_exp_baseline_rev"] == head
     assert row["params.p.x"] == "1" and row["metrics.m"] == 1.0
+
+
+def test_a_run_killed_by_sigkill_is_ended_by_the_next_run(local_store):
+    # SIGKILL (out of memory, kill -9) leaves no chance to end the run; the next one on this host does.
+    code = textwrap.dedent("""
+        import os, signal
+        from tc import tracking
+        with tracking.start_run("train-tc", {"train": {"seed": 1}}) as run:
+            print(run.info.run_id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=local_store, env=env)
+    assert proc.returncode == -9
+    killed = proc.stdout.split()[0]
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    assert MlflowClient().get_run(killed).info.status == "RUNNING"  # what the kill left
+    with tracking.start_run("train-tc", {"train": {"seed": 1}}) as run:
+        # this process's own run is alive: left RUNNING
+        assert tracking.end_orphaned_runs(run.info.experiment_id) == []
+    old = MlflowClient().get_run(killed)
+    assert old.info.status == "KILLED" and "was gone" in old.data.tags["ended_by"]
+    assert MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
