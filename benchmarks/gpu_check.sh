@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -20 | tee "$OUT/cuda_tests.txt"
 
-timeout 300 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 \
+timeout 300 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
   --episodes 400 --compile none,default --public "$PWD/.whl/public_tc/bench_public.py" \
   --out "$OUT/train_throughput_cuda.json" 2>&1 | tail -12
 

@@ -5,9 +5,10 @@ own process (so peak memory is its own), one after the other on the same machine
 
 - ours: TC and BC agents of paper size (image 128, memory 2048, instr 256, recurrence
   80) on real BossLevel demos, batches formed as in training (``epoch_batches``,
-  grouped by length), teacher forcing on (early training); one warm-up update, then
-  frames / seconds over ``--updates`` timed updates (gathering + forward + backward +
-  Adam step);
+  grouped by length), teacher forcing on (early training); ``--warmup`` warm-up updates
+  (default 1; compiled steps recompile for the first few batches' shapes, so give them
+  more), then frames / seconds over ``--updates`` timed updates (gathering + forward +
+  backward + Adam step);
 - the public TC code (``--public``, by default ../shared/baselines/public_tc/bench_public.py):
   its own training step on synthetic episodes of the mean BossLevel length (87 steps).
 
@@ -48,7 +49,7 @@ PAPER_MODEL = {"image_dim": 128, "memory_dim": 2048, "instr_dim": 256}
 
 
 def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: int, demos_dir: str, updates: int,
-             compile: str | None = None) -> dict:
+             compile: str | None = None, warmup: int = 1) -> dict:
     """Time ``updates`` training updates of our agent in this process; returns the measurement."""
     dev = torch.device(device)
     if threads > 0:
@@ -64,7 +65,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     scale = loss_scale(demos, cfg)
     seconds, frames = [], []
-    for i in range(updates + 1):
+    for i in range(warmup + updates):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -72,13 +73,13 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
         train_update(agent, optimizer, batch, cfg, True, amp and dev.type == "cuda", scale)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        if i > 0:  # the first update warms up allocators and kernels
+        if i >= warmup:  # the first updates warm up allocators, kernels and compilation
             seconds.append(time.perf_counter() - t)
             frames.append(batch.frames)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "amp": amp, "threads": threads,
-            "compile": compile if compiled else None,
+            "compile": compile if compiled else None, "warmup_updates": warmup,
             "parameters": count_parameters(agent),
             "frames_per_s": sum(frames) / sum(seconds), "update_s": seconds, "frames_per_update": frames,
             "peak_memory_gb": peak, "peak_memory_kind": "cuda max allocated" if dev.type == "cuda" else "max RSS",
@@ -122,7 +123,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=96, help="episodes to generate when --demos is not given")
     ap.add_argument("--agents", default="tc,bc", help="comma-separated: tc, bc")
     ap.add_argument("--batches", help="comma-separated batch sizes (default: 16 on cpu, 16,180 on cuda)")
-    ap.add_argument("--updates", type=int, default=3, help="timed updates of each measurement (after one warm-up)")
+    ap.add_argument("--updates", type=int, default=3, help="timed updates of each measurement of ours")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed updates of ours before them")
     ap.add_argument("--threads", default="1,2", help="comma-separated torch CPU thread counts for ours (the public "
                     "code runs with torch's default)")
     ap.add_argument("--public", default=str(PUBLIC), help="the public code's bench_public.py ('' to skip it)")
@@ -135,7 +137,7 @@ def main() -> None:
     if args.one:  # child process: one measurement of ours, printed as JSON
         agent_kind, batch, amp, threads, mode = args.one
         print(json.dumps(run_ours(agent_kind, args.device, int(batch), amp == "1", int(threads), args.demos,
-                                  args.updates, None if mode == "none" else mode)))
+                                  args.updates, None if mode == "none" else mode, args.warmup)))
         return
 
     batches = [int(b) for b in (args.batches or ("16" if args.device == "cpu" else "16,180")).split(",")]
@@ -164,8 +166,8 @@ def main() -> None:
                         results.append(run_public(public, args.device, batch, amp, args.updates, tmp))
                     else:
                         cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
-                               "--updates", str(args.updates), "--one", agent_kind, str(batch), "1" if amp else "0",
-                               threads, mode]
+                               "--updates", str(args.updates), "--warmup", str(args.warmup),
+                               "--one", agent_kind, str(batch), "1" if amp else "0", threads, mode]
                         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                         results.append(json.loads(out.strip().splitlines()[-1]))
                     r = results[-1]
