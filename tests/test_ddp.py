@@ -108,19 +108,25 @@ def test_two_processes_make_the_one_process_updates(tmp_path, demos_dir):
         assert_same_weights(load_checkpoint(tmp_path / f"resumed_rank{rank}.pt")["model"], expected, **EXACT)
 
 
-def test_stage_with_nproc_2_starts_torchrun(tmp_path, demos_dir):
+def run_train_stage(tmp_path: Path, demos_dir: Path, agent: str, **train) -> tuple[subprocess.CompletedProcess, dict]:
+    """The train stage with 2 processes on a tiny model, in ``tmp_path``; returns its process and params."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["demos"]["level"] = LEVEL
     params["model"] = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16, **NO_DROPOUT}
-    params["train"].update(epochs=1, episodes_per_epoch=8, batch_size=8, val_episodes=2, device="cpu", nproc=2)
+    params["train"].update(epochs=1, episodes_per_epoch=8, batch_size=8, device="cpu", nproc=2, **train)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, str(ROOT / "stages/train.py"), "--params", "params.yaml", "--agent", "bc",
-           "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/bc",
+    cmd = [sys.executable, str(ROOT / "stages/train.py"), "--params", "params.yaml", "--agent", agent,
+           "--train", str(demos_dir), "--val", str(demos_dir), "--out", f"models/{agent}",
            "--metrics", "metrics.json", "--history", "history.csv"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, params
+
+
+def test_stage_with_nproc_2_starts_torchrun(tmp_path, demos_dir):
+    proc, params = run_train_stage(tmp_path, demos_dir, "bc", val_episodes=2)
     assert "(2 processes)" in proc.stdout, proc.stdout  # it went through torchrun
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["updates"] == 1 and 0.0 <= metrics["best_val_success"] <= 1.0
@@ -138,19 +144,7 @@ def test_stage_with_nproc_2_starts_torchrun(tmp_path, demos_dir):
 def test_compile_under_two_processes_runs_eagerly_and_says_so(tmp_path, demos_dir):
     # The synchronised BatchNorm's all-reduce splits the compiled graphs, and inductor then fails
     # (tried: a stride assertion in convolution_backward): the stage warns and trains eagerly.
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["demos"]["level"] = LEVEL
-    params["model"] = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16, **NO_DROPOUT}
-    params["train"].update(epochs=1, episodes_per_epoch=8, batch_size=8, val_episodes=0, device="cpu", nproc=2,
-                           compile="default")  # fmt: skip
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, str(ROOT / "stages/train.py"), "--params", "params.yaml", "--agent", "tc",
-           "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/tc",
-           "--metrics", "metrics.json", "--history", "history.csv"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, params = run_train_stage(tmp_path, demos_dir, "tc", val_episodes=0, compile="default")
     assert "(2 processes)" in proc.stdout
     assert "warning: train.compile: default: not with 2 processes" in proc.stderr
     cfg = replace(TrainConfig.from_dict(params["train"]), nproc=1, compile=None)
