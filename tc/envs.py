@@ -77,7 +77,9 @@ def _deadline(seconds: float, env: gym.Env, seed: int) -> Iterator[None]:
                                    f"use other seeds")  # fmt: skip
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # Then again every second: an exception raised while a finaliser runs (a garbage collection
+    # during the generator's loop) is printed and dropped, and one alarm would be lost.
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:

@@ -21,7 +21,7 @@ import numpy as np
 from minigrid.envs.babyai.core.verifier import PickupInstr, SeqInstr
 from minigrid.utils.baby_ai_bot import DisappearedBoxError
 
-from tc import fastobs
+from tc import envs, fastobs
 from tc.envs import ACTION_NAMES, Actions, make_env, reset_quiet
 from tc.params import UserError
 from tc.thoughts import ThoughtBot
@@ -212,6 +212,13 @@ class EnvGroup:
             conn.send([(j // self.workers, *req) for j, req in requests.items() if j % self.workers == w])
         answers = {}
         for w, conn in enumerate(self.conns):
+            # The worker's own deadline (tc.envs.reset_quiet) should have answered long before.
+            patience = 2 * envs.RESET_TIMEOUT_S + 30
+            if not conn.poll(patience):
+                pending = [req for j, req in requests.items() if j % self.workers == w]
+                self.close()
+                raise RuntimeError(f"environment worker {w} did not answer within {patience:g} s "
+                                   f"(stuck in an environment? it was asked: {pending[:4]})")
             try:
                 status, payload = conn.recv()
             except (EOFError, OSError):
