@@ -208,17 +208,16 @@ class EnvGroup:
         """Run ``requests`` {slot: (method, *args)} on the slots' own processes, in parallel; their results."""
         if self.workers == 1:
             return {j: getattr(self.slots[j], method)(*args) for j, (method, *args) in requests.items()}
-        for w, conn in enumerate(self.conns):
-            conn.send([(j // self.workers, *req) for j, req in requests.items() if j % self.workers == w])
+        slots_of = [[j for j in requests if j % self.workers == w] for w in range(self.workers)]
+        for conn, mine in zip(self.conns, slots_of):
+            conn.send([(j // self.workers, *requests[j]) for j in mine])
+        patience = 2 * envs.RESET_TIMEOUT_S + 30  # the worker's own deadline (tc.envs.reset_quiet) comes first
         answers = {}
-        for w, conn in enumerate(self.conns):
-            # The worker's own deadline (tc.envs.reset_quiet) should have answered long before.
-            patience = 2 * envs.RESET_TIMEOUT_S + 30
+        for w, (conn, mine) in enumerate(zip(self.conns, slots_of)):
             if not conn.poll(patience):
-                pending = [req for j, req in requests.items() if j % self.workers == w]
                 self.close()
                 raise RuntimeError(f"environment worker {w} did not answer within {patience:g} s "
-                                   f"(stuck in an environment? it was asked: {pending[:4]})")
+                                   f"(stuck in an environment? it was asked: {[requests[j] for j in mine][:4]})")
             try:
                 status, payload = conn.recv()
             except (EOFError, OSError):
@@ -227,7 +226,6 @@ class EnvGroup:
                 raise payload
             if status == "error":
                 raise RuntimeError(f"environment worker {w} failed:\n{payload}")
-            mine = [j for j in requests if j % self.workers == w]
             answers.update(zip(mine, payload))
         return answers
 
