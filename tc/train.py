@@ -419,12 +419,13 @@ def train(
     agent = Agent(model_cfg).to(device)
     if world > 1:
         distributed.sync_batchnorm(agent)  # batch statistics of the whole batch, as with one process
-    if world > 1 and cfg.compile is not None and rank == 0:
+    if world == 1:
+        compile_or_warn(agent, cfg.compile, "train.compile")
+    elif cfg.compile is not None and rank == 0:
         # The synchronised BatchNorm's all-reduce splits the compiled graphs, and inductor then
         # fails on the convolutions' backward (a stride assertion; torch 2.13, CPU): not compiled.
         print(f"warning: train.compile: {cfg.compile}: not with {world} processes (a torch.compile failure "
               f"with the synchronised BatchNorm); running eagerly", file=sys.stderr)
-    compile_or_warn(agent, cfg.compile if world == 1 else None, "train.compile")
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     # Training position and everything needed to continue it (saved in last.pt).
     ts = {"epoch": 0, "batch": 0, "updates": 0, "frames": 0, "wall_time_s": 0.0, "history": [],
