@@ -21,13 +21,14 @@ import torch
 from torch import Tensor, nn
 
 
-def per_step(sizes: list[int], *tensors: Tensor) -> zip:
-    """Iterate over the steps of time-major ``tensors``: yields (n, rows of each tensor).
+def per_step(sizes: list[int], *tensors: Tensor | None) -> zip:
+    """Iterate over the steps of time-major ``tensors``: yields (n, rows of each tensor); None
+    for a tensor that is None.
 
     ``split`` rather than slicing: the backward of a slice writes a zero tensor as large
     as the whole input, per step; that of ``split`` concatenates the gradients once.
     """
-    return zip(sizes, *(t.split(sizes) for t in tensors))
+    return zip(sizes, *(t.split(sizes) if t is not None else [None] * len(sizes) for t in tensors))
 
 
 class GradTape:

@@ -124,13 +124,20 @@ class BatchNorm2d(nn.BatchNorm2d):
     def reduce(self, sums: Tensor) -> Tensor:
         return sums
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``valid`` bool [N]: the rows whose statistics count (fixed-shape chunks, tc.train.Padding);
+        the other rows are normalised with them but add nothing. None: every row."""
         if not self.training:
             return super().forward(x)
         c = self.num_features
         x64 = x.double()  # E[x^2] - E[x]^2 in float64 loses nothing
-        count = x.new_full((1,), x.numel() // c, dtype=torch.float64)
-        sums = self.reduce(torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)), count]))
+        if valid is None:
+            count = x.new_full((1,), x.numel() // c, dtype=torch.float64)
+            weighted = x64
+        else:
+            count = valid.sum(0, keepdim=True, dtype=torch.float64) * (x.shape[2] * x.shape[3])
+            weighted = x64 * valid[:, None, None, None]
+        sums = self.reduce(torch.cat([weighted.sum((0, 2, 3)), (weighted * x64).sum((0, 2, 3)), count]))
         with torch.no_grad():
             self.update_sums += sums
         n = sums[2 * c].clamp(min=1)
@@ -178,23 +185,23 @@ class FiLMBlock(nn.Module):
         self.gamma = nn.Linear(cond_dim, dim)
         self.beta = nn.Linear(cond_dim, dim)
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.conv2(F.relu(self.bn1(self.conv1(x))))
+    def features(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        return self.conv2(F.relu(self.bn1(self.conv1(x), valid)))
 
-    def forward(self, x: Tensor, cond: Tensor, feats: Tensor | None = None) -> Tensor:
-        feats = self.features(x) if feats is None else feats
+    def forward(self, x: Tensor, cond: Tensor, feats: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+        feats = self.features(x, valid) if feats is None else feats
         out = feats * self.gamma(cond)[:, :, None, None] + self.beta(cond)[:, :, None, None]
         # Out-of-place residual: the public code's in-place `out += x` breaks backward.
-        return F.relu(self.bn2(out)) + x
+        return F.relu(self.bn2(out, valid)) + x
 
 
-def film_pool(films: nn.ModuleList, x: Tensor, cond: Tensor, feats: Tensor) -> Tensor:
+def film_pool(films: nn.ModuleList, x: Tensor, cond: Tensor, feats: Tensor, valid: Tensor | None = None) -> Tensor:
     """Both FiLM blocks (the first one's convolutions precomputed), then the 7x7 max-pool.
 
     The paper applies a ReLU after the pool; the pooled values are sums of ReLU outputs,
     already >= 0, so it is left out.
     """
-    return films[1](films[0](x, cond, feats), cond).amax((2, 3))
+    return films[1](films[0](x, cond, feats, valid), cond, None, valid).amax((2, 3))
 
 
 def attend(key: Tensor, words: Tensor, mask: Tensor, dropout: float, training: bool) -> Tensor:
@@ -254,15 +261,34 @@ class Perception(nn.Module):
         self.mission_rnn = nn.GRU(d, d // 2, batch_first=True, bidirectional=True)
         self.thought_rnn = nn.GRU(d, d // 2, batch_first=True, bidirectional=True) if cfg.use_thoughts else None
 
-    def image(self, images: Tensor) -> Tensor:
-        """uint8/long [N, 7, 7, 3] -> float [N, image_dim, 7, 7] (channels-last memory)."""
-        x = self.image_embedding(images.long() + self.offsets).sum(3)
-        return self.image_conv(x.permute(0, 3, 1, 2))
+    def image(self, images: Tensor, valid: Tensor | None = None) -> Tensor:
+        """uint8/long [N, 7, 7, 3] -> float [N, image_dim, 7, 7] (channels-last memory); ``valid``:
+        the rows BatchNorm counts (None: all)."""
+        x = self.image_embedding(images.long() + self.offsets).sum(3).permute(0, 3, 1, 2)
+        for layer in self.image_conv:
+            x = layer(x, valid) if isinstance(layer, BatchNorm2d) else layer(x)
+        return x
 
-    def words(self, tokens: Tensor, thoughts: bool) -> tuple[Tensor, Tensor]:
+    def words(self, tokens: Tensor, thoughts: bool, fixed: bool = False) -> tuple[Tensor, Tensor]:
         """tokens long [N, L] -> (encodings [N, L, d], mask bool [N, L]); packed, so padding
-        leaks into neither direction; pad positions are zero. Computed once per distinct row."""
+        leaks into neither direction; pad positions are zero. Computed once per distinct row.
+
+        ``fixed``: the same encodings with no host synchronisation and shapes that depend on
+        [N, L] alone (CUDA graphs): every row is encoded, and instead of packing, the GRU reads
+        each row twice in one call, right-padded for its forward direction and rolled to be
+        left-padded for its backward one, so that neither direction reaches a pad before a word.
+        """
         rnn = self.thought_rnn if thoughts else self.mission_rnn
+        if fixed:
+            n, length = tokens.shape
+            mask = tokens != vocab.PAD
+            shift = length - mask.sum(1, keepdim=True)
+            pos = torch.arange(length, device=tokens.device)[None, :]
+            rolled = tokens.gather(1, (pos - shift) % length)  # row i: its pads, then its words
+            out, _ = rnn(self.word_embedding(torch.cat([tokens, rolled])))
+            half = out.shape[2] // 2
+            back = out[n:, :, half:].gather(1, ((pos + shift) % length)[:, :, None].expand(n, length, half))
+            return torch.cat([out[:n, :, :half], back], 2) * mask.unsqueeze(2), mask
         uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
         mask = uniq != vocab.PAD
         emb = self.word_embedding(uniq)
@@ -302,15 +328,17 @@ class ThoughtGenerator(nn.Module):
 
     def forward(
         self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
-        thoughts: Tensor | None, perception: Perception,
+        thoughts: Tensor | None, perception: Perception, valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """Step through the time-major rows ``x0`` (image features).
 
         ``thoughts`` [N, L]: the thoughts to push into the history (teacher forcing, oracle,
         steering); None: the level's own greedy thoughts (free running). Returns (thoughts,
-        their word encodings and mask, memory h and c of every row, new state).
+        their word encodings and mask, memory h and c of every row, new state). ``valid``:
+        see :meth:`Agent.forward`.
         """
-        feats = self.films[0].features(x0)  # independent of the recurrence: all rows at once
+        fixed = valid is not None
+        feats = self.films[0].features(x0, valid)  # independent of the recurrence: all rows at once
         words, mask = mission["words"], mission["mask"]
         kvs = [blk.keys_values(words) for blk in self.refer]
         memory, history = TapedLSTMCell(self.memory, self.pointwise), TapedLSTMCell(self.history, self.pointwise)
@@ -318,20 +346,21 @@ class ThoughtGenerator(nn.Module):
                                                                       self.memory_to_thought_key))
         given = thoughts is not None
         if given:
-            t_words, t_mask = perception.words(thoughts, True)  # all rows at once
-            steps = per_step(sizes, x0, feats, t_words, t_mask)
+            t_words, t_mask = perception.words(thoughts, True, fixed)  # all rows at once
+            steps = per_step(sizes, x0, feats, valid, t_words, t_mask)
         else:
-            steps = per_step(sizes, x0, feats)
+            steps = per_step(sizes, x0, feats, valid)
         h, c, hh, hc = state["up_h"], state["up_c"], state["hist_h"], state["hist_c"]
         hs, cs, generated = [], [], []
-        for t, (n, x0_n, feats_n, *thought_n) in enumerate(steps):
+        for t, (n, x0_n, feats_n, valid_n, *thought_n) in enumerate(steps):
             h, c, hh, hc = h[:n], c[:n], hh[:n], hc[:n]
             x = self.condition(to_query(memory_input(hh, hc)), to_key(memory_input(h, c)),
-                               *(part[:n] for kv in kvs for part in kv), words[:n], mask[:n], x0_n, feats_n)
+                               *(part[:n] for kv in kvs for part in kv), words[:n], mask[:n], x0_n, feats_n,
+                               valid_n)
             h, c = memory(x, h, c)
             if not given:
-                tokens = self.decode_greedy(h, c, perception.word_embedding)
-                thought_n = perception.words(tokens, True)
+                tokens = self.decode_greedy(h, c, perception.word_embedding, early_stop=not fixed)
+                thought_n = perception.words(tokens, True, fixed)
                 generated.append((tokens, *thought_n))
             # The history after a chunk's last step only feeds the next chunk, through a
             # detached state: outside the graph (a taped weight must reach the loss at every use).
@@ -346,7 +375,7 @@ class ThoughtGenerator(nn.Module):
 
     def condition(
         self, query: Tensor, key: Tensor, k0: Tensor, v0: Tensor, k1: Tensor, v1: Tensor, words: Tensor,
-        mask: Tensor, x0: Tensor, feats: Tensor,
+        mask: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None = None,
     ) -> Tensor:
         """One step's memory input: the REFER blocks (keys and values ``k0, v0, k1, v1``) and the
         mission attention give the FiLM conditioning of the image; pooled [n, image_dim].
@@ -356,7 +385,7 @@ class ThoughtGenerator(nn.Module):
         for blk, k, v in zip(self.refer, (k0, k1), (v0, v1)):
             query = blk(query, k, v, mask)
         cond = query + attend(key, words, mask, self.cfg.attn_dropout, self.training)
-        return film_pool(self.films, x0, cond, feats)
+        return film_pool(self.films, x0, cond, feats, valid)
 
     def attend(self, key: Tensor, words: Tensor, mask: Tensor) -> Tensor:
         """Attention over a thought's words (compiled with :meth:`condition`)."""
@@ -395,23 +424,38 @@ class ThoughtGenerator(nn.Module):
         index = (starts[None, :] + position[:, None])[targets[:, :L] != vocab.PAD]
         return logits[index]
 
+    def decode_all_positions(self, h: Tensor, c: Tensor, targets: Tensor, embedding: nn.Embedding) -> Tensor:
+        """Logits [N, L, vocab] of every position of ``targets`` [N, L], pads included, each given the
+        previous true words and the memory (h, c) of its row: :meth:`decode_teacher_forced` at
+        shapes that depend on [N, L] alone (CUDA graphs); the loss masks the pads' logits out."""
+        cell = TapedLSTMCell(self.decoder, self.pointwise)
+        gates = cell.input_gates(embedding.weight)  # one row per vocabulary entry, as above
+        inputs = torch.cat([torch.full_like(targets[:, :1], vocab.BOS), targets[:, :-1]], 1)
+        outs = []
+        for k in range(targets.shape[1]):
+            h, c = cell.step(gates[inputs[:, k]], h, c)
+            outs.append(h)
+        return self.decoder_out(torch.stack(outs, 1))
+
     @torch.no_grad()
-    def decode_greedy(self, h: Tensor, c: Tensor, embedding: nn.Embedding) -> Tensor:
+    def decode_greedy(self, h: Tensor, c: Tensor, embedding: nn.Embedding, early_stop: bool = True) -> Tensor:
         """Most likely thought [n, max_len] from the memory (h, c): <eos>-terminated, <pad>-padded.
 
-        <pad> and <bos> are never chosen; stops early once every row has ended.
+        <pad> and <bos> are never chosen. ``early_stop``: stop once every row has ended (a host
+        synchronisation per word; without it, all max_len words are decoded, the same result).
         """
         n = h.shape[0]
         out = h.new_full((n, self.cfg.max_thought_len), vocab.PAD, dtype=torch.long)
         tok = h.new_full((n,), vocab.BOS, dtype=torch.long)
         done = torch.zeros(n, dtype=torch.bool, device=h.device)
-        banned = torch.tensor([vocab.PAD, vocab.BOS], device=h.device)
         for k in range(self.cfg.max_thought_len):
             h, c = self.decoder(embedding(tok), (h, c))
-            tok = self.decoder_out(h).index_fill(1, banned, float("-inf")).argmax(1)
+            scores = self.decoder_out(h)
+            scores[:, vocab.PAD] = scores[:, vocab.BOS] = float("-inf")  # no index tensor: nothing copied to the GPU
+            tok = scores.argmax(1)
             out[:, k] = tok.masked_fill(done, vocab.PAD)
             done = done | (tok == vocab.EOS)
-            if bool(done.all()):
+            if early_stop and bool(done.all()):
                 break
         return out
 
@@ -434,25 +478,26 @@ class ActionGenerator(nn.Module):
 
     def forward(
         self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
-        thought_words: Tensor | None = None, thought_mask: Tensor | None = None,
+        thought_words: Tensor | None = None, thought_mask: Tensor | None = None, valid: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Action logits [N, 7] for the time-major rows (image features ``x0``); new state."""
-        feats = self.films[0].features(x0)  # independent of the memory: all rows at once
+        """Action logits [N, 7] for the time-major rows (image features ``x0``); new state.
+        ``valid``: see :meth:`Agent.forward`."""
+        feats = self.films[0].features(x0, valid)  # independent of the memory: all rows at once
         memory, to_keys = TapedLSTMCell(self.memory, self.pointwise), TapedLinear(self.memory_to_keys)
         thinking = thought_words is not None
-        steps = per_step(sizes, x0, feats, *((thought_words, thought_mask) if thinking else ()))
+        steps = per_step(sizes, x0, feats, valid, *((thought_words, thought_mask) if thinking else ()))
         h, c = state["low_h"], state["low_c"]
         outs = []
-        for n, x0_n, feats_n, *thought_n in steps:
+        for n, x0_n, feats_n, valid_n, *thought_n in steps:
             h, c = h[:n], c[:n]
             x = self.condition(to_keys(memory_input(h, c)), mission["words"][:n], mission["mask"][:n], x0_n, feats_n,
-                               *thought_n)
+                               valid_n, *thought_n)
             h, c = memory(x, h, c)
             outs.append(h)
         return self.actor(torch.cat(outs)), {"low_h": h, "low_c": c}
 
     def condition(
-        self, keys: Tensor, words: Tensor, mask: Tensor, x0: Tensor, feats: Tensor,
+        self, keys: Tensor, words: Tensor, mask: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None = None,
         thought_words: Tensor | None = None, thought_mask: Tensor | None = None,
     ) -> Tensor:
         """One step's memory input: the mission (and thought) attentions keyed by ``keys`` give the
@@ -461,7 +506,7 @@ class ActionGenerator(nn.Module):
         cond = self.mission_proj(attend(keys[:, -d:], words, mask, p, self.training))
         if thought_words is not None:
             cond = cond + self.thought_proj(attend(keys[:, :d], thought_words, thought_mask, p, self.training))
-        return film_pool(self.films, x0, cond, feats)
+        return film_pool(self.films, x0, cond, feats, valid)
 
 
 # ----------------------------------------------------------------------------- agent
@@ -503,9 +548,10 @@ class Agent(nn.Module):
             self.upper.attend = torch.compile(self.upper.attend, dynamic=True, mode=mode)
         return None
 
-    def encode_mission(self, missions: Tensor) -> dict[str, Tensor]:
-        """Word encodings of the missions [B, M] (once per episode), batch-first."""
-        words, mask = self.perception.words(missions.long(), False)
+    def encode_mission(self, missions: Tensor, fixed: bool = False) -> dict[str, Tensor]:
+        """Word encodings of the missions [B, M] (once per episode), batch-first; ``fixed``: see
+        :meth:`Perception.words`."""
+        words, mask = self.perception.words(missions.long(), False, fixed)
         return {"words": words, "mask": mask}
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -515,7 +561,7 @@ class Agent(nn.Module):
 
     def forward(
         self, images: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
-        thoughts: Tensor | None = None, targets: Tensor | None = None,
+        thoughts: Tensor | None = None, targets: Tensor | None = None, valid: Tensor | None = None,
     ) -> AgentOutput:
         """Steps through the time-major rows of a chunk (``sizes[t]`` episodes at step t).
 
@@ -523,17 +569,26 @@ class Agent(nn.Module):
         acts on (teacher forcing, oracle, steering); None: the upper level's own greedy
         thoughts (free running, as at test time). ``targets`` [N, L]: thoughts whose
         teacher-forced decoder logits are returned (training). BC ignores both.
+
+        ``valid`` bool [N]: a *fixed-shape* chunk (tc.train.Padding, for CUDA graphs): every
+        step has the same rows, ``valid`` marks the real ones (the others are copies that
+        BatchNorm and the loss leave out), nothing synchronises with the host, and
+        ``thought_logits`` are [N, L, vocab] for every position of ``targets``
+        (:meth:`ThoughtGenerator.decode_all_positions`). Mission encodings must then come from
+        ``encode_mission(..., fixed=True)``.
         """
-        x0 = self.perception.image(images)
+        x0 = self.perception.image(images, valid)
         thought_logits = t_words = t_mask = None
         new_state: dict[str, Tensor] = {}
         if self.upper is not None:
-            thoughts, t_words, t_mask, h, c, new_state = self.upper(x0, sizes, mission, state, thoughts, self.perception)
+            thoughts, t_words, t_mask, h, c, new_state = self.upper(x0, sizes, mission, state, thoughts, self.perception,
+                                                                    valid)
             if targets is not None:
-                thought_logits = self.upper.decode_teacher_forced(h, c, targets, self.perception.word_embedding)
+                decode = self.upper.decode_teacher_forced if valid is None else self.upper.decode_all_positions
+                thought_logits = decode(h, c, targets, self.perception.word_embedding)
         else:
             thoughts = None
-        logits, low_state = self.lower(x0, sizes, mission, state, t_words, t_mask)
+        logits, low_state = self.lower(x0, sizes, mission, state, t_words, t_mask, valid)
         return AgentOutput(logits, thoughts, thought_logits, {**new_state, **low_state})
 
     @torch.no_grad()

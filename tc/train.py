@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -159,62 +159,113 @@ class Batch:
     missions: torch.Tensor  # long [B, M]
     sizes: list[int]  # active episodes per step
     starts: list[int]  # first row of each step, plus N at the end
+    valid: torch.Tensor | None = None  # bool [N]: the real rows of a fixed-shape batch (Padding); None: all
 
     @property
     def frames(self) -> int:
-        return self.starts[-1]
+        return self.starts[-1] if self.valid is None else int(self.valid.sum())
 
 
-def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device, steps: int = 0) -> Batch:
+class Padding(NamedTuple):
+    """The fixed shape of every chunk of a padded batch (CUDA graphs, tc.cudagraphs).
+
+    Every step holds ``episodes`` rows: the batch's episodes, an ended episode repeating its
+    last frame, then (for a short batch) copies of its shortest episode; the steps are padded
+    to a multiple of ``recurrence``, thoughts and missions to ``thought_len`` and
+    ``mission_len`` words. The copies are real data, so nothing becomes NaN; ``Batch.valid``
+    marks the real rows, the only ones BatchNorm and the loss count.
+    """
+
+    episodes: int
+    recurrence: int
+    thought_len: int
+    mission_len: int
+
+    @classmethod
+    def of(cls, demos: Demos, cfg: TrainConfig) -> Padding:
+        """The padding for training on ``demos`` with ``cfg``: its batch size, recurrence and longest words."""
+        return cls(cfg.batch_size, cfg.recurrence, max(1, int((demos.thoughts != vocab.PAD).sum(1).max())),
+                   demos.missions.shape[1])
+
+
+def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device, steps: int = 0,
+               padding: Padding | None = None) -> Batch:  # fmt: skip
     """Gather whole ``episodes`` into time-major tensors with one fancy index per array.
 
     With ``steps`` beyond the longest episode, the batch ends with empty steps (size 0):
-    the ranks of a data-parallel batch step through the same number of steps.
+    the ranks of a data-parallel batch step through the same number of steps. With
+    ``padding``, a fixed-shape batch (see :class:`Padding`).
     """
     lengths = demos.offsets[episodes + 1] - demos.offsets[episodes]
     order = np.argsort(-lengths, kind="stable")
     episodes, lengths = episodes[order], lengths[order]
     t = np.arange(max(lengths[0], steps))[:, None]
     active = t < lengths[None, :]  # [T, B]; each row a prefix, since lengths are sorted
-    idx = (demos.offsets[episodes][None, :] + t)[active]
-    missions = demos.missions[episodes]
-    missions = missions[:, : max(1, int((missions != vocab.PAD).sum(1).max()))]
-    sizes = active.sum(1)
+    width = vocab.MAX_THOUGHT_LEN
+    valid = None
+    if padding is None:
+        idx = (demos.offsets[episodes][None, :] + t)[active]
+        missions = demos.missions[episodes]
+        missions = missions[:, : max(1, int((missions != vocab.PAD).sum(1).max()))]
+        sizes = active.sum(1)
+    else:
+        if len(episodes) > padding.episodes:
+            raise ValueError(f"a batch of {len(episodes)} episodes does not fit a padding of {padding.episodes}")
+        fill = padding.episodes - len(episodes)
+        t = np.arange(-(-len(t) // padding.recurrence) * padding.recurrence)[:, None]
+        episodes, lengths = np.pad(episodes, (0, fill), mode="edge"), np.pad(lengths, (0, fill), mode="edge")
+        active = (t < lengths[None, :]) & (np.arange(padding.episodes) < padding.episodes - fill)[None, :]
+        idx = (demos.offsets[episodes][None, :] + np.minimum(t, lengths[None, :] - 1)).reshape(-1)
+        valid = active.reshape(-1)
+        missions = np.pad(demos.missions[episodes], ((0, 0), (0, padding.mission_len - demos.missions.shape[1])))
+        width = padding.thought_len
+        sizes = np.full(len(t), padding.episodes)
     to = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)  # noqa: E731
     return Batch(
         images=to(demos.images[idx], torch.uint8),
         actions=to(demos.actions[idx], torch.long),
-        thoughts=to(demos.thoughts[idx], torch.long),
+        thoughts=to(demos.thoughts[idx, :width], torch.long),
         missions=to(missions, torch.long),
         sizes=sizes.tolist(),
         starts=np.concatenate([[0], np.cumsum(sizes)]).tolist(),
+        valid=None if valid is None else to(valid, torch.bool),
     )
 
 
 STAT_KEYS = ("frames", "action_nll", "entropy", "action_correct", "thought_tokens", "thought_nll", "thought_correct")
 
 
-def loss_terms(out: AgentOutput, actions: torch.Tensor, thoughts: torch.Tensor) -> dict[str, torch.Tensor]:
+def loss_terms(out: AgentOutput, actions: torch.Tensor, thoughts: torch.Tensor,
+               valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Summed loss terms and counts of one forward pass (``STAT_KEYS``), as tensors.
 
     ``thoughts``: the true thoughts of the rows; their words' NLL is summed per thought
-    (a thought's words are one prediction). BC has no thought terms (zeros).
+    (a thought's words are one prediction). BC has no thought terms (zeros). ``valid``: the
+    rows that count, of a fixed-shape chunk (tc.model.Agent.forward); masks instead of
+    selections there, so that no shape depends on the data.
     """
     logp = out.logits.float().log_softmax(1)
+    weight = logp.new_ones(()) if valid is None else valid.float()
     terms = {
-        "frames": logp.new_tensor(float(actions.shape[0])),
-        "action_nll": -logp.gather(1, actions[:, None]).sum(),
-        "entropy": -(logp.exp() * logp).sum(),
-        "action_correct": (logp.argmax(1) == actions).sum(),
+        "frames": logp.new_tensor(float(actions.shape[0])) if valid is None else weight.sum(),
+        "action_nll": -(logp.gather(1, actions[:, None]).squeeze(1) * weight).sum(),
+        "entropy": -((logp.exp() * logp).sum(1) * weight).sum(),
+        "action_correct": ((logp.argmax(1) == actions) * weight).sum(),
     }
     zero = terms["action_nll"].new_zeros(())
     terms.update(thought_tokens=zero, thought_nll=zero, thought_correct=zero)
-    if out.thought_logits is not None:
+    if out.thought_logits is not None and valid is None:
         words = thoughts[thoughts != vocab.PAD]  # the words and <eos>, in the order of thought_logits
         word_logits = out.thought_logits.float()
         terms.update(thought_tokens=logp.new_tensor(float(words.numel())),
                      thought_nll=F.cross_entropy(word_logits, words, reduction="sum"),
                      thought_correct=(word_logits.argmax(1) == words).sum())
+    elif out.thought_logits is not None:  # [N, L, vocab]: every position, the words and <eos> masked in
+        counted = ((thoughts != vocab.PAD) & valid[:, None]).float()
+        word_logits = out.thought_logits.float()
+        nll = F.cross_entropy(word_logits.flatten(0, 1), thoughts.flatten(), reduction="none").view_as(counted)
+        terms.update(thought_tokens=counted.sum(), thought_nll=(nll * counted).sum(),
+                     thought_correct=((word_logits.argmax(2) == thoughts) * counted).sum())
     return terms
 
 
@@ -256,26 +307,33 @@ def run_batch(
     the upper level runs free (its own greedy thoughts fill its history and drive the lower
     level), as at test time. The thought loss is always that of the true thoughts.
     """
-    device = batch.images.device
-    tc_agent = agent.upper is not None
-    state = agent.initial_state(batch.sizes[0], device)
+    state = agent.initial_state(batch.sizes[0], batch.images.device)
     sums = dict.fromkeys(STAT_KEYS, 0.0)
     for t0 in range(0, len(batch.sizes), cfg.recurrence):
         t1 = min(t0 + cfg.recurrence, len(batch.sizes))
         rows = slice(batch.starts[t0], batch.starts[t1])
-        actions, thoughts = batch.actions[rows], batch.thoughts[rows]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            # Re-encoded per chunk (B missions, cheap): each chunk's graph is freed by its backward.
-            mission = agent.encode_mission(batch.missions)
-            out = agent(batch.images[rows], batch.sizes[t0:t1], mission, state,
-                        thoughts=thoughts if true_thoughts else None, targets=thoughts if tc_agent else None)
-        terms = loss_terms(out, actions, thoughts)
+        terms, out = chunk_terms(agent, batch.images[rows], batch.sizes[t0:t1], batch.missions, state,
+                                 batch.actions[rows], batch.thoughts[rows],
+                                 None if batch.valid is None else batch.valid[rows], true_thoughts, amp)  # fmt: skip
         if scale is not None:
             objective(terms, cfg, scale).backward()
         values = torch.stack([terms[k].detach().float() for k in STAT_KEYS]).tolist()  # one device sync
         sums = {k: sums[k] + v for k, v in zip(STAT_KEYS, values)}
         state = {k: v.detach() for k, v in out.state.items()}
     return sums
+
+
+def chunk_terms(
+    agent: Agent, images: torch.Tensor, sizes: list[int], missions: torch.Tensor, state: dict[str, torch.Tensor],
+    actions: torch.Tensor, thoughts: torch.Tensor, valid: torch.Tensor | None, true_thoughts: bool, amp: bool,
+) -> tuple[dict[str, torch.Tensor], AgentOutput]:
+    """The forward pass of one chunk of a batch from ``state``: its ``loss_terms`` and the agent's output."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        # Re-encoded per chunk (B missions, cheap): each chunk's graph is freed by its backward.
+        mission = agent.encode_mission(missions, fixed=valid is not None)
+        out = agent(images, sizes, mission, state, thoughts=thoughts if true_thoughts else None,
+                    targets=thoughts if agent.upper is not None else None, valid=valid)
+    return loss_terms(out, actions, thoughts, valid), out
 
 
 def train_update(

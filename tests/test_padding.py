@@ -1,0 +1,84 @@
+"""Fixed-shape chunks (tc.train.Padding, what CUDA graphs replay): the same losses, gradients and
+BatchNorm statistics as the shrinking time-major layout, on real demos and a tiny model."""
+
+import numpy as np
+import pytest
+import torch
+
+from tc import vocab
+from tc.model import Agent, BatchNorm2d, ModelConfig, commit_batchnorm
+from tc.train import Padding, TrainConfig, loss_scale, make_batch, run_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODEL = dict(image_dim=16, memory_dim=32, instr_dim=16, dropout=0.0, attn_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def demos(goto_demos):
+    return goto_demos
+
+
+def train_chunks(demos, use_thoughts: bool, true_thoughts: bool, padding: Padding | None):
+    torch.manual_seed(0)
+    agent = Agent(ModelConfig(**MODEL, use_thoughts=use_thoughts)).train()
+    cfg = TrainConfig(batch_size=6, recurrence=4, device="cpu")
+    results = []
+    # A short batch (4 of 6 episodes: two padded episodes) and a full one; episode lengths are
+    # no multiple of the recurrence, so the last chunk has padded steps too.
+    for episodes in (np.array([3, 0, 5, 1]), np.arange(6)):
+        agent.zero_grad()
+        batch = make_batch(demos, episodes, torch.device("cpu"), padding=padding)
+        sums = run_batch(agent, batch, cfg, true_thoughts, False, loss_scale(demos, cfg))
+        bn_sums = [m.update_sums.clone() for m in agent.modules() if isinstance(m, BatchNorm2d)]
+        commit_batchnorm(agent)
+        results.append((sums, {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}, bn_sums))
+    return results
+
+
+@pytest.mark.parametrize("use_thoughts, true_thoughts", [(True, True), (True, False), (False, True)],
+                         ids=["tc_teacher_forced", "tc_free_running", "bc"])  # fmt: skip
+def test_padded_chunks_train_as_shrinking_ones(demos, use_thoughts, true_thoughts):
+    padding = Padding.of(demos, TrainConfig(batch_size=6, recurrence=4))
+    assert padding.thought_len < vocab.MAX_THOUGHT_LEN  # thoughts are cut to the data's longest
+    plain = train_chunks(demos, use_thoughts, true_thoughts, None)
+    padded = train_chunks(demos, use_thoughts, true_thoughts, padding)
+    for (sums, grads, bn), (p_sums, p_grads, p_bn) in zip(plain, padded):
+        assert p_sums == pytest.approx(sums, rel=1e-5, abs=1e-5)
+        assert p_grads.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(p_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        for a, b in zip(p_bn, bn):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # float32 inputs of other shapes: rounding
+            assert a[-1] == b[-1]  # the frames counted
+
+
+def test_padded_batch_layout(demos):
+    padding = Padding.of(demos, TrainConfig(batch_size=5, recurrence=4))
+    episodes = np.array([2, 4])
+    batch = make_batch(demos, episodes, torch.device("cpu"), padding=padding)
+    plain = make_batch(demos, episodes, torch.device("cpu"))
+    steps = len(plain.sizes)
+    assert len(batch.sizes) == -(-steps // 4) * 4 and set(batch.sizes) == {5}
+    assert batch.frames == plain.frames == int(batch.valid.sum())
+    assert batch.missions.shape == (5, demos.missions.shape[1])
+    assert batch.thoughts.shape[1] == padding.thought_len
+    # The real rows, in time-major order, are the plain batch's rows.
+    valid = batch.valid
+    assert torch.equal(batch.images[valid], plain.images)
+    assert torch.equal(batch.actions[valid], plain.actions)
+    assert torch.equal(batch.thoughts[valid], plain.thoughts[:, : padding.thought_len])
+    assert not (plain.thoughts[:, padding.thought_len :] != vocab.PAD).any()
+    with pytest.raises(ValueError, match="does not fit a padding of 5"):
+        make_batch(demos, np.arange(6), torch.device("cpu"), padding=padding)
+
+
+def test_fixed_word_encoding_equals_packed_one():
+    torch.manual_seed(0)
+    agent = Agent(ModelConfig(**MODEL))
+    tokens = torch.tensor([[5, 9, 2, 0, 0], [7, 2, 0, 0, 0], [4, 4, 4, 6, 2], [5, 9, 2, 0, 0]])
+    for thoughts in (True, False):
+        words, mask = agent.perception.words(tokens, thoughts)
+        fixed_words, fixed_mask = agent.perception.words(tokens, thoughts, fixed=True)
+        assert torch.equal(mask, fixed_mask)
+        torch.testing.assert_close(fixed_words, words, rtol=1e-5, atol=1e-6)
