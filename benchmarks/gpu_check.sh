@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 11 as ONE command for the device tool (an H100/H200 session has 15 minutes
-# of device time, a machine start included): the CUDA tests (AMP, compiled steps), training
-# throughput of ours (TC, batch 180, fp32 / AMP, eager / compiled) next to the public code, and
-# evaluation throughput (compiled, environment workers). Results land in $OUT.
+# of device time, a machine start included): the CUDA tests (AMP, compiled steps, CUDA graphs of
+# training chunks), training throughput of ours (TC, batch 180, fp32 / AMP, eager / compiled / CUDA
+# graphs) next to the public code, and evaluation throughput (compiled, environment workers).
+# Results land in $OUT. Not yet run: the part limits (120 + 330 + 100 s) are estimates.
 #
 # Before, on this machine (the GPU machine has no minigrid and no internet; ../shared does not travel):
 #   echo /.whl/ >> .git/info/exclude
@@ -19,12 +20,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD" SDL_AUDIODRIVER=dummy PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -20 | tee "$OUT/cuda_tests.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -20 | tee "$OUT/cuda_tests.txt"
 
-timeout 300 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
-  --episodes 400 --compile none,default --public "$PWD/.whl/public_tc/bench_public.py" \
+timeout 330 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
+  --episodes 400 --compile none,default --cuda-graphs --public "$PWD/.whl/public_tc/bench_public.py" \
   --out "$OUT/train_throughput_cuda.json" 2>&1 | tail -12
 
-timeout 120 python3 benchmarks/eval_throughput.py --device cuda --params params-gpu.yaml --level BabyAI-BossLevel-v0 --modes tc oracle \
+timeout 100 python3 benchmarks/eval_throughput.py --device cuda --params params-gpu.yaml --level BabyAI-BossLevel-v0 --modes tc oracle \
   --batch-sizes 64 --threads 1 --episodes 64 --max-steps 32 --repeats 2 --workers 8 --compile default \
   --out "$OUT/eval_throughput_cuda.json" 2>&1 | grep -v Warning | tail -12

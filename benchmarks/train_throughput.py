@@ -17,7 +17,9 @@ Grid: batch 16 on CPU; batch 16 and 180 on CUDA, each in fp32 and with autocast 
 ``--compile`` (default on CUDA), with its steps compiled (``train.compile``; the warm-up
 update then includes the compilation). Top-level keys: ``ratio_vs_public`` (ours TC / public
 TC frames/s, each at its fastest setting; batch 180 on CUDA, 16 on CPU), ``amp_vs_fp32`` and
-``compiled_vs_eager`` (ours TC, fastest of the other setting) and ``device``.
+``compiled_vs_eager`` (ours TC, fastest of the other setting), ``graphs_vs_eager`` (ours TC with
+``--cuda-graphs``: ``train.cuda_graphs``, padded batches replayed from CUDA graphs, against the
+fastest run without) and ``device``. Frames are real frames: a padded batch counts its valid rows.
 Targets: CPU >= 2x the public code at batch 16; CUDA >= 5x at batch 180.
 """
 
@@ -41,7 +43,7 @@ from tc.demos import generate_demos, load_demos
 from tc.io import write_json_atomic
 from tc.kernels import COMPILE_MODES
 from tc.model import Agent, ModelConfig, compile_or_warn, count_parameters
-from tc.train import TrainConfig, epoch_batches, loss_scale, make_batch, train_update
+from tc.train import ChunkGraphs, Padding, TrainConfig, epoch_batches, loss_scale, make_batch, train_update
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ROOT.parent / "shared/baselines/public_tc/bench_public.py"
@@ -49,7 +51,7 @@ PAPER_MODEL = {"image_dim": 128, "memory_dim": 2048, "instr_dim": 256}
 
 
 def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: int, demos_dir: str, updates: int,
-             compile: str | None = None, warmup: int = 1) -> dict:
+             compile: str | None = None, warmup: int = 1, graphs: bool = False) -> dict:
     """Time ``updates`` training updates of our agent in this process; returns the measurement."""
     dev = torch.device(device)
     if threads > 0:
@@ -57,20 +59,22 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
     model_cfg = ModelConfig(**PAPER_MODEL, use_thoughts=agent_kind == "tc")
     demos = load_demos(demos_dir)
     cfg = TrainConfig(batch_size=batch_size, recurrence=80, device=device, amp=amp,
-                      episodes_per_epoch=demos.num_episodes)
+                      episodes_per_epoch=demos.num_episodes, cuda_graphs=graphs)
     batches = epoch_batches(demos.offsets[1:] - demos.offsets[:-1], cfg, 0)
     torch.manual_seed(0)
     agent = Agent(model_cfg).to(dev).train()
     compiled = compile_or_warn(agent, compile, "--compile")
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     scale = loss_scale(demos, cfg)
+    runner = ChunkGraphs(agent, cfg, scale, amp) if graphs else None
+    padding = Padding.of(demos, cfg) if graphs else None
     seconds, frames = [], []
     for i in range(warmup + updates):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        batch = make_batch(demos, batches[i % len(batches)], dev)
-        train_update(agent, optimizer, batch, cfg, True, amp and dev.type == "cuda", scale)
+        batch = make_batch(demos, batches[i % len(batches)], dev, padding=padding)
+        train_update(agent, optimizer, batch, cfg, True, amp and dev.type == "cuda", scale, runner)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:  # the first updates warm up allocators, kernels and compilation
@@ -80,6 +84,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "amp": amp, "threads": threads,
             "compile": compile if compiled else None, "warmup_updates": warmup,
+            "cuda_graphs": graphs and runner.problem is None, "cuda_graphs_problem": runner and runner.problem,
             "parameters": count_parameters(agent),
             "frames_per_s": sum(frames) / sum(seconds), "update_s": seconds, "frames_per_update": frames,
             "peak_memory_gb": peak, "peak_memory_kind": "cuda max allocated" if dev.type == "cuda" else "max RSS",
@@ -109,11 +114,13 @@ def ratios(results: list[dict], device: str) -> dict:
         return a / b if a and b else None
 
     batch = 16 if device == "cpu" else 180
-    eager = best("ours", batch, compile=None)
-    compiled = max(filter(None, (best("ours", batch, compile=m) for m in COMPILE_MODES)), default=None)
+    eager = best("ours", batch, compile=None, cuda_graphs=False)
+    compiled = max(filter(None, (best("ours", batch, compile=m, cuda_graphs=False) for m in COMPILE_MODES)), default=None)
     return {"ratio_vs_public": ratio(best("ours", batch), best("public", batch)),
             "amp_vs_fp32": ratio(best("ours", batch, amp=True), best("ours", batch, amp=False)),
-            "compiled_vs_eager": ratio(compiled, eager), "ratio_batch": batch}
+            "compiled_vs_eager": ratio(compiled, eager),
+            "graphs_vs_eager": ratio(best("ours", batch, cuda_graphs=True), best("ours", batch, cuda_graphs=False)),
+            "ratio_batch": batch}
 
 
 def main() -> None:
@@ -130,14 +137,16 @@ def main() -> None:
     ap.add_argument("--public", default=str(PUBLIC), help="the public code's bench_public.py ('' to skip it)")
     ap.add_argument("--compile", help="comma-separated: none and/or torch.compile modes of ours "
                     f"({', '.join(COMPILE_MODES)}); default: none on cpu (no gain, measured), none,default on cuda")
+    ap.add_argument("--cuda-graphs", action="store_true", help="also measure ours with train.cuda_graphs (CUDA only)")
     ap.add_argument("--out", help="default: benchmarks/results/train_throughput_<device>.json")
-    ap.add_argument("--one", nargs=5, metavar=("AGENT", "BATCH", "AMP", "THREADS", "COMPILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=6, metavar=("AGENT", "BATCH", "AMP", "THREADS", "COMPILE", "GRAPHS"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:  # child process: one measurement of ours, printed as JSON
-        agent_kind, batch, amp, threads, mode = args.one
+        agent_kind, batch, amp, threads, mode, graphs = args.one
         print(json.dumps(run_ours(agent_kind, args.device, int(batch), amp == "1", int(threads), args.demos,
-                                  args.updates, None if mode == "none" else mode, args.warmup)))
+                                  args.updates, None if mode == "none" else mode, args.warmup, graphs == "1")))
         return
 
     batches = [int(b) for b in (args.batches or ("16" if args.device == "cpu" else "16,180")).split(",")]
@@ -145,6 +154,8 @@ def main() -> None:
     compiles = (args.compile or ("none" if args.device == "cpu" else "none,default")).split(",")
     if set(compiles) - {"none", *COMPILE_MODES}:
         raise SystemExit(f"--compile {args.compile}: expected none or one of {', '.join(COMPILE_MODES)}")
+    if args.cuda_graphs and args.device != "cuda":
+        raise SystemExit("--cuda-graphs: CUDA graphs need --device cuda")
     public = Path(args.public) if args.public else None
     if public is not None and not public.is_file():
         raise SystemExit(f"--public {public}: no such file (pass --public '' to measure ours alone)")
@@ -158,22 +169,23 @@ def main() -> None:
         load_before = os.getloadavg()
         for batch in batches:
             for amp in precisions:
-                runs = [("ours", agent_kind, threads, mode) for agent_kind in args.agents.split(",")
+                runs = [("ours", agent_kind, threads, mode, "0") for agent_kind in args.agents.split(",")
                         for threads in (args.threads.split(",") if args.device == "cpu" else ["0"])
                         for mode in compiles]  # fmt: skip
-                for impl, agent_kind, threads, mode in runs + ([("public", "tc", None, "none")] if public else []):
+                runs += [("ours", a, "0", "none", "1") for a in args.agents.split(",") if args.cuda_graphs]
+                for impl, agent_kind, threads, mode, graphs in runs + ([("public", "tc", None, "none", "0")] if public else []):
                     if impl == "public":
                         results.append(run_public(public, args.device, batch, amp, args.updates, tmp))
                     else:
                         cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
                                "--updates", str(args.updates), "--warmup", str(args.warmup),
-                               "--one", agent_kind, str(batch), "1" if amp else "0", threads, mode]
+                               "--one", agent_kind, str(batch), "1" if amp else "0", threads, mode, graphs]
                         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                         results.append(json.loads(out.strip().splitlines()[-1]))
                     r = results[-1]
                     print(f"{impl:6s} {agent_kind} batch {batch} {'amp ' if amp else 'fp32'}"
                           f"{f' threads {threads}' if threads not in (None, '0') else ''}"
-                          f"{f' compile {mode}' if mode != 'none' else ''}: "
+                          f"{f' compile {mode}' if mode != 'none' else ''}{' cuda graphs' if graphs == '1' else ''}: "
                           f"{r['frames_per_s']:.1f} frames/s, peak {r['peak_memory_gb']:.1f} GB",
                           flush=True)
         load_after = os.getloadavg()
@@ -195,7 +207,7 @@ def main() -> None:
     out = Path(args.out or ROOT / f"benchmarks/results/train_throughput_{args.device}.json")
     write_json_atomic(out, report)
     print(f"ratio_vs_public {report['ratio_vs_public']}, amp_vs_fp32 {report['amp_vs_fp32']}, "
-          f"compiled_vs_eager {report['compiled_vs_eager']}; wrote {out}")
+          f"compiled_vs_eager {report['compiled_vs_eager']}, graphs_vs_eager {report['graphs_vs_eager']}; wrote {out}")
 
 
 if __name__ == "__main__":

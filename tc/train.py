@@ -46,7 +46,7 @@ from tc.checkpoint import check_config, load_checkpoint, save_checkpoint
 from tc.demos import Demos
 from tc.device import pick_device
 from tc.kernels import COMPILE_MODES
-from tc.model import Agent, AgentOutput, ModelConfig, commit_batchnorm, compile_or_warn, count_parameters
+from tc.model import Agent, AgentOutput, BatchNorm2d, ModelConfig, commit_batchnorm, compile_or_warn, count_parameters
 from tc.params import check_fields, dataclass_from_dict, param
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -82,6 +82,9 @@ class TrainConfig:
     # torch.compile of the step loop's work between matmuls (Agent.compile_steps); same maths up to
     # float rounding, like the device, so a speed setting.
     compile: str | None = param(None, choices=COMPILE_MODES, speed=True)
+    # Each training chunk (forward + backward) replayed from a CUDA graph, batches padded to fixed
+    # shapes (ChunkGraphs); CUDA and one process only. The same maths up to float rounding.
+    cuda_graphs: bool = param(False, speed=True)
     nproc: int = param(1, ge=1, speed=True)  # data-parallel processes (stages/train.py starts torchrun when > 1)
 
     def __post_init__(self):
@@ -336,6 +339,114 @@ def chunk_terms(
     return loss_terms(out, actions, thoughts, valid), out
 
 
+class ChunkGraphs:
+    """Training chunks replayed from CUDA graphs (``train.cuda_graphs``): ``run_batch`` with one launch a chunk.
+
+    On a GPU the step loop is bound by launching kernels (an H100 profile of a paper-size
+    update: ~280 launches per time step, the GPU busy 14% of the time). A CUDA graph records
+    a chunk's kernels once, forward and backward, and replays them. That needs fixed shapes
+    and no host synchronisation: batches are padded (:class:`Padding`; the same losses and
+    gradients as the shrinking layout, tests) so that every chunk is [recurrence x
+    batch_size] rows. One graph per teacher-forcing mode, in one memory pool.
+
+    A replay reads the chunk copied into the graph's input tensors and the state its previous
+    replay left; it adds the gradients (``torch.autograd.grad``) into the parameters' ``.grad``
+    and the BatchNorm sums into theirs, writes the new state and the loss terms. The graph
+    reads the parameters where they are, and Adam updates them in place. Where capturing
+    fails, one warning line, and every batch runs eagerly (the padded batch as it is).
+    """
+
+    WARMUP = 2  # eager runs before capturing (cuBLAS / cuDNN workspaces, autograd's lazy set-up)
+
+    def __init__(self, agent: Agent, cfg: TrainConfig, scale: tuple[float, float], amp: bool):
+        self.agent, self.cfg, self.scale, self.amp = agent, cfg, scale, amp
+        self.params = [p for p in agent.parameters() if p.requires_grad]
+        self.graphs: dict[bool, tuple] = {}  # teacher-forced (or BC) or not -> (inputs, state, outputs, replay)
+        self.pool = None
+        self.problem: str | None = None  # why capturing failed: then eager
+
+    def zero_grad(self) -> None:
+        """Zero the gradients in place: the graphs add into these tensors."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+    def _chunk(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor], true_thoughts: bool) -> torch.Tensor:
+        """One chunk's work as the graph records it; returns the loss terms (``STAT_KEYS``) as one tensor."""
+        terms, out = chunk_terms(self.agent, inputs["images"], [inputs["missions"].shape[0]] * self.cfg.recurrence,
+                                 inputs["missions"], state, inputs["actions"], inputs["thoughts"], inputs["valid"],
+                                 true_thoughts, self.amp)  # fmt: skip
+        grads = torch.autograd.grad(objective(terms, self.cfg, self.scale), self.params, allow_unused=True)
+        if any(g is None for g in grads):
+            raise RuntimeError("a parameter does not reach the loss")  # eager training would leave it alone
+        torch._foreach_add_([p.grad for p in self.params], grads)
+        for k, v in out.state.items():  # after the backward, which may read the old state
+            state[k].copy_(v.detach())
+        return torch.stack([terms[k].detach().float() for k in STAT_KEYS])
+
+    def _capture(self, inputs: dict[str, torch.Tensor], true_thoughts: bool) -> tuple:
+        """(state, outputs, replay) of a chunk recorded with ``inputs``."""
+        state = self.agent.initial_state(inputs["missions"].shape[0], inputs["images"].device)
+        if inputs["images"].device.type != "cuda":
+            # No CUDA graph off CUDA: each replay runs the chunk eagerly. The tests on the CPU check
+            # all of this class but the capture with it.
+            outputs = torch.zeros(len(STAT_KEYS))
+            return state, outputs, lambda: outputs.copy_(self._chunk(inputs, state, true_thoughts))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self._chunk(inputs, state, true_thoughts)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self._chunk(inputs, state, true_thoughts)
+        self.pool = graph.pool()
+        return state, outputs, graph.replay
+
+    def _reset(self) -> None:
+        """Undo what eager warm-up runs added: a capture comes before a batch's first chunk."""
+        self.zero_grad()
+        for m in self.agent.modules():
+            if isinstance(m, BatchNorm2d):
+                m.update_sums.zero_()
+
+    def run_batch(self, batch: Batch, true_thoughts: bool) -> dict[str, float]:
+        """:func:`run_batch` of a padded training ``batch`` (after :meth:`zero_grad`), from the graphs."""
+        if self.problem is not None:
+            return run_batch(self.agent, batch, self.cfg, true_thoughts, self.amp, self.scale)
+        rows = self.cfg.recurrence * batch.sizes[0]
+        key = true_thoughts or self.agent.upper is None  # BC reads no thoughts: one graph
+        sums = dict.fromkeys(STAT_KEYS, 0.0)
+        for first in range(0, batch.starts[-1], rows):
+            part = slice(first, first + rows)
+            chunk = {"images": batch.images[part], "actions": batch.actions[part], "thoughts": batch.thoughts[part],
+                     "valid": batch.valid[part], "missions": batch.missions}  # fmt: skip
+            if key not in self.graphs:
+                inputs = {k: v.clone() for k, v in chunk.items()}
+                try:
+                    self.graphs[key] = (inputs, *self._capture(inputs, true_thoughts))
+                except Exception as err:  # noqa: BLE001 -- whatever the cause, training goes on eagerly
+                    lines = str(err).strip().splitlines()
+                    self.problem = f"{type(err).__name__}: {lines[0] if lines else ''}"
+                    print(f"warning: train.cuda_graphs: capturing a chunk failed ({self.problem}); training eagerly",
+                          file=sys.stderr)
+                    self._reset()
+                    return run_batch(self.agent, batch, self.cfg, true_thoughts, self.amp, self.scale)
+                self._reset()
+            inputs, state, outputs, replay = self.graphs[key]
+            for k, v in chunk.items():
+                inputs[k].copy_(v)
+            if first == 0:
+                for v in state.values():
+                    v.zero_()
+            replay()
+            sums = {k: sums[k] + v for k, v in zip(STAT_KEYS, outputs.tolist())}  # one device sync
+        return sums
+
+
 def train_update(
     agent: Agent,
     optimizer: torch.optim.Optimizer,
@@ -344,14 +455,20 @@ def train_update(
     true_thoughts: bool,
     amp: bool,
     scale: tuple[float, float],
+    graphs: ChunkGraphs | None = None,
 ) -> dict[str, float]:
     """One optimizer step on ``batch`` (gradients of all its chunks); returns its statistics.
 
     Under a process group, ``batch`` is this rank's part: gradients, BatchNorm statistics
-    and the returned statistics are summed over the ranks before the step.
+    and the returned statistics are summed over the ranks before the step. With ``graphs``
+    (a padded ``batch``), the chunks are replayed from CUDA graphs.
     """
-    optimizer.zero_grad(set_to_none=True)
-    sums = run_batch(agent, batch, cfg, true_thoughts, amp, scale)
+    if graphs is None:
+        optimizer.zero_grad(set_to_none=True)
+        sums = run_batch(agent, batch, cfg, true_thoughts, amp, scale)
+    else:
+        graphs.zero_grad()
+        sums = graphs.run_batch(batch, true_thoughts)
     if distributed.rank_and_world()[1] > 1:
         distributed.all_reduce_grads(agent.parameters())
         sums = distributed.all_reduce_sums(sums, batch.images.device)
@@ -485,6 +602,14 @@ def train(
         print(f"warning: train.compile: {cfg.compile}: not with {world} processes (a torch.compile failure "
               f"with the synchronised BatchNorm); running eagerly", file=sys.stderr)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    scale = loss_scale(train_demos, cfg)
+    graphs = padding = None
+    if cfg.cuda_graphs and (device.type != "cuda" or world > 1):
+        if rank == 0:
+            print(f"warning: train.cuda_graphs: needs one process on a CUDA device (here: {world} on {device.type}); "
+                  f"training eagerly", file=sys.stderr)
+    elif cfg.cuda_graphs:
+        graphs, padding = ChunkGraphs(agent, cfg, scale, amp), Padding.of(train_demos, cfg)
     # Training position and everything needed to continue it (saved in last.pt).
     ts = {"epoch": 0, "batch": 0, "updates": 0, "frames": 0, "wall_time_s": 0.0, "history": [],
           "epoch_sums": dict.fromkeys(STAT_KEYS, 0.0), "best_key": [-math.inf, -math.inf], "best": None}
@@ -507,7 +632,6 @@ def train(
         save_checkpoint(last_path, agent, train_state=state)
 
     lengths = np.diff(train_demos.offsets)
-    scale = loss_scale(train_demos, cfg)
     updates_here = 0
     started = time.perf_counter() - ts["wall_time_s"]
     agent.train()
@@ -528,12 +652,12 @@ def train(
                 group["lr"] = lr
             coin = use_true_thoughts(cfg.seed, epoch, b, ratio)
             if world == 1:
-                batch = make_batch(train_demos, batches[b], device)
+                batch = make_batch(train_demos, batches[b], device, padding=padding)
             else:
                 # The batch is sorted by length, so every r-th episode gives the ranks similar shares.
                 episodes = batches[b]
                 batch = make_batch(train_demos, episodes[rank::world], device, steps=int(lengths[episodes].max()))
-            sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale)
+            sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale, graphs)
             ts["epoch_sums"] = {k: ts["epoch_sums"][k] + sums[k] for k in STAT_KEYS}
             ts["batch"] += 1
             ts["updates"] += 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tc.model import Agent, ModelConfig, compile_or_warn
-from tc.train import TrainConfig, loss_scale, make_batch, run_batch
+from tc.train import ChunkGraphs, Padding, TrainConfig, loss_scale, make_batch, run_batch, train_update
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -64,3 +64,31 @@ def test_cuda_compiled_steps_equal_eager(demos, mode, amp):
     flat = lambda g: torch.cat([v.flatten() for v in g.values()])  # noqa: E731
     assert grads.keys() == eager_grads.keys()
     assert torch.nn.functional.cosine_similarity(flat(grads), flat(eager_grads), dim=0) > (0.99 if amp else 0.9999)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+@pytest.mark.parametrize("use_thoughts", [True, False], ids=["tc", "bc"])
+def test_cuda_graphed_chunks_equal_eager(demos, use_thoughts, amp):
+    """ChunkGraphs (train.cuda_graphs) captures and replays; three updates, both teacher-forcing modes."""
+    def updates(graphs: bool):
+        torch.manual_seed(0)
+        model = ModelConfig(**{**MODEL.to_dict(), "use_thoughts": use_thoughts})
+        agent = Agent(model).cuda().train()
+        cfg = TrainConfig(batch_size=6, recurrence=4, device="cuda", amp=amp)
+        optimizer = torch.optim.SGD(agent.parameters(), lr=0.1)
+        scale = loss_scale(demos, cfg)
+        runner = ChunkGraphs(agent, cfg, scale, amp) if graphs else None
+        out = []
+        for episodes, coin in ((np.array([3, 0, 5, 1]), True), (np.arange(6), False), (np.arange(2, 6), True)):
+            batch = make_batch(demos, episodes, torch.device("cuda"), padding=Padding.of(demos, cfg) if graphs else None)
+            sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale, runner)
+            out.append((sums, torch.cat([p.grad.flatten() for p in agent.parameters()]).cpu()))
+        if graphs:
+            assert runner.problem is None and len(runner.graphs) == (2 if use_thoughts else 1)  # per teacher-forcing mode
+        return out
+
+    tol = dict(rel=0.02) if amp else dict(rel=1e-4, abs=1e-4)
+    for (sums, grads), (g_sums, g_grads) in zip(updates(False), updates(True)):
+        for k in sums:
+            assert g_sums[k] == pytest.approx(sums[k], **tol), k
+        assert torch.nn.functional.cosine_similarity(g_grads, grads, dim=0) > (0.99 if amp else 0.9999)

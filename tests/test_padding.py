@@ -1,13 +1,15 @@
 """Fixed-shape chunks (tc.train.Padding, what CUDA graphs replay): the same losses, gradients and
 BatchNorm statistics as the shrinking time-major layout, on real demos and a tiny model."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from tc import vocab
 from tc.model import Agent, BatchNorm2d, ModelConfig, commit_batchnorm
-from tc.train import Padding, TrainConfig, loss_scale, make_batch, run_batch
+from tc.train import ChunkGraphs, Padding, TrainConfig, loss_scale, make_batch, run_batch, train, train_update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,3 +84,47 @@ def test_fixed_word_encoding_equals_packed_one():
         fixed_words, fixed_mask = agent.perception.words(tokens, thoughts, fixed=True)
         assert torch.equal(mask, fixed_mask)
         torch.testing.assert_close(fixed_words, words, rtol=1e-5, atol=1e-6)
+
+
+def graph_updates(demos, use_thoughts: bool, graphs: bool):
+    """Two updates (teacher-forced, then free-running for TC) through ``train_update``, with or without ChunkGraphs."""
+    torch.manual_seed(0)
+    agent = Agent(ModelConfig(**MODEL, use_thoughts=use_thoughts)).train()
+    cfg = TrainConfig(batch_size=6, recurrence=4, device="cpu")
+    optimizer = torch.optim.SGD(agent.parameters(), lr=0.1)  # Adam would blow up the rounding noise of zero gradients
+    scale = loss_scale(demos, cfg)
+    runner = ChunkGraphs(agent, cfg, scale, False) if graphs else None
+    padding = Padding.of(demos, cfg) if graphs else None
+    results = []
+    for episodes, coin in ((np.array([3, 0, 5, 1]), True), (np.arange(6), not use_thoughts), (np.arange(2, 6), True)):
+        batch = make_batch(demos, episodes, torch.device("cpu"), padding=padding)
+        sums = train_update(agent, optimizer, batch, cfg, coin, False, scale, runner)
+        results.append((sums, {n: p.grad.clone() for n, p in agent.named_parameters()}))
+    return results, agent.state_dict()
+
+
+@pytest.mark.parametrize("use_thoughts", [True, False], ids=["tc", "bc"])
+def test_chunk_graphs_train_as_eager(demos, use_thoughts):
+    # On the CPU, ChunkGraphs runs each "replay" eagerly: everything but the CUDA capture is checked here
+    # (static inputs refilled, state carried between chunks and reset between batches, gradients and
+    # BatchNorm sums accumulated); tests/test_cuda.py checks the capture.
+    eager, eager_weights = graph_updates(demos, use_thoughts, graphs=False)
+    graphed, graphed_weights = graph_updates(demos, use_thoughts, graphs=True)
+    for (sums, grads), (g_sums, g_grads) in zip(eager, graphed):
+        assert g_sums == pytest.approx(sums, rel=1e-5, abs=1e-5)
+        for name in grads:
+            torch.testing.assert_close(g_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in eager_weights:  # BatchNorm running statistics included
+        torch.testing.assert_close(graphed_weights[name], eager_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cuda_graphs_off_cuda_warn_and_train_eagerly(tmp_path, demos, capsys):
+    cfg = TrainConfig(epochs=1, episodes_per_epoch=6, batch_size=3, recurrence=4, warmup_epochs=0, lr_halve_epoch=None,
+                      val_episodes=0, device="cpu", threads=1)
+    model = ModelConfig(**MODEL)
+    eager = train(model, cfg, demos, demos, tmp_path / "eager", progress=False)
+    capsys.readouterr()
+    graphed = train(model, replace(cfg, cuda_graphs=True), demos, demos, tmp_path / "graphs", progress=False)
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == ["warning: train.cuda_graphs: needs one process on a CUDA device (here: 1 on cpu); training eagerly"]
+    assert graphed["history"] == [{**row, "wall_time_s": graphed["history"][0]["wall_time_s"]} for row in eager["history"]]
