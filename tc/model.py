@@ -451,7 +451,8 @@ class ThoughtGenerator(nn.Module):
         for k in range(self.cfg.max_thought_len):
             h, c = self.decoder(embedding(tok), (h, c))
             scores = self.decoder_out(h)
-            scores[:, vocab.PAD] = scores[:, vocab.BOS] = float("-inf")  # no index tensor: nothing copied to the GPU
+            for banned in (vocab.PAD, vocab.BOS):  # fill_: no index or value tensor made on the host (CUDA graphs)
+                scores[:, banned].fill_(float("-inf"))
             tok = scores.argmax(1)
             out[:, k] = tok.masked_fill(done, vocab.PAD)
             done = done | (tok == vocab.EOS)

@@ -170,25 +170,34 @@ class Batch:
 
 
 class Padding(NamedTuple):
-    """The fixed shape of every chunk of a padded batch (CUDA graphs, tc.cudagraphs).
+    """The fixed shapes of the chunks of a padded batch (CUDA graphs: :class:`ChunkGraphs`).
 
     Every step holds ``episodes`` rows: the batch's episodes, an ended episode repeating its
-    last frame, then (for a short batch) copies of its shortest episode; the steps are padded
-    to a multiple of ``recurrence``, thoughts and missions to ``thought_len`` and
-    ``mission_len`` words. The copies are real data, so nothing becomes NaN; ``Batch.valid``
-    marks the real rows, the only ones BatchNorm and the loss count.
+    last frame, then (for a short batch) copies of its shortest episode. The steps are
+    padded so that every chunk has ``recurrence`` steps but the last, which has a multiple
+    of ``step_bucket`` (a graph per chunk length, a few steps of padding instead of up to a
+    whole chunk's). Thoughts and missions are padded to ``thought_len`` and ``mission_len``
+    words. The copies are real data, so nothing becomes NaN; ``Batch.valid`` marks the real
+    rows, the only ones BatchNorm and the loss count.
     """
 
     episodes: int
     recurrence: int
+    step_bucket: int
     thought_len: int
     mission_len: int
 
     @classmethod
     def of(cls, demos: Demos, cfg: TrainConfig) -> Padding:
-        """The padding for training on ``demos`` with ``cfg``: its batch size, recurrence and longest words."""
-        return cls(cfg.batch_size, cfg.recurrence, max(1, int((demos.thoughts != vocab.PAD).sum(1).max())),
-                   demos.missions.shape[1])
+        """The padding for training on ``demos`` with ``cfg``: its batch size, recurrence and longest words;
+        last chunks of at most 5 lengths."""
+        return cls(cfg.batch_size, cfg.recurrence, -(-cfg.recurrence // 5),
+                   max(1, int((demos.thoughts != vocab.PAD).sum(1).max())), demos.missions.shape[1])
+
+    def steps(self, steps: int) -> int:
+        """The padded length of a batch of ``steps`` steps."""
+        full, rest = divmod(steps, self.recurrence)
+        return full * self.recurrence + min(self.recurrence, -(-rest // self.step_bucket) * self.step_bucket)
 
 
 def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device, steps: int = 0,
@@ -215,7 +224,7 @@ def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device, steps: 
         if len(episodes) > padding.episodes:
             raise ValueError(f"a batch of {len(episodes)} episodes does not fit a padding of {padding.episodes}")
         fill = padding.episodes - len(episodes)
-        t = np.arange(-(-len(t) // padding.recurrence) * padding.recurrence)[:, None]
+        t = np.arange(padding.steps(len(t)))[:, None]
         episodes, lengths = np.pad(episodes, (0, fill), mode="edge"), np.pad(lengths, (0, fill), mode="edge")
         active = (t < lengths[None, :]) & (np.arange(padding.episodes) < padding.episodes - fill)[None, :]
         idx = (demos.offsets[episodes][None, :] + np.minimum(t, lengths[None, :] - 1)).reshape(-1)
@@ -346,11 +355,12 @@ class ChunkGraphs:
     update: ~280 launches per time step, the GPU busy 14% of the time). A CUDA graph records
     a chunk's kernels once, forward and backward, and replays them. That needs fixed shapes
     and no host synchronisation: batches are padded (:class:`Padding`; the same losses and
-    gradients as the shrinking layout, tests) so that every chunk is [recurrence x
-    batch_size] rows. One graph per teacher-forcing mode, in one memory pool.
+    gradients as the shrinking layout, tests) so that a chunk is [steps x batch_size] rows,
+    with ``recurrence`` steps or, for a batch's last chunk, a few more lengths. One graph per
+    teacher-forcing mode and chunk length, all in one memory pool.
 
-    A replay reads the chunk copied into the graph's input tensors and the state its previous
-    replay left; it adds the gradients (``torch.autograd.grad``) into the parameters' ``.grad``
+    A replay reads the chunk copied into the graph's input tensors and the state, copied into
+    the graph's state tensors from the previous chunk's graph (zeros at a batch's start); it adds the gradients (``torch.autograd.grad``) into the parameters' ``.grad``
     and the BatchNorm sums into theirs, writes the new state and the loss terms. The graph
     reads the parameters where they are, and Adam updates them in place. Where capturing
     fails, one warning line, and every batch runs eagerly (the padded batch as it is).
@@ -361,7 +371,8 @@ class ChunkGraphs:
     def __init__(self, agent: Agent, cfg: TrainConfig, scale: tuple[float, float], amp: bool):
         self.agent, self.cfg, self.scale, self.amp = agent, cfg, scale, amp
         self.params = [p for p in agent.parameters() if p.requires_grad]
-        self.graphs: dict[bool, tuple] = {}  # teacher-forced (or BC) or not -> (inputs, state, outputs, replay)
+        # (teacher-forced or BC, chunk steps) -> (inputs, state, outputs, replay)
+        self.graphs: dict[tuple[bool, int], tuple] = {}
         self.pool = None
         self.problem: str | None = None  # why capturing failed: then eager
 
@@ -373,9 +384,10 @@ class ChunkGraphs:
             else:
                 p.grad.zero_()
 
-    def _chunk(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor], true_thoughts: bool) -> torch.Tensor:
+    def chunk(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor], true_thoughts: bool) -> torch.Tensor:
         """One chunk's work as the graph records it; returns the loss terms (``STAT_KEYS``) as one tensor."""
-        terms, out = chunk_terms(self.agent, inputs["images"], [inputs["missions"].shape[0]] * self.cfg.recurrence,
+        episodes = inputs["missions"].shape[0]
+        terms, out = chunk_terms(self.agent, inputs["images"], [episodes] * (inputs["valid"].shape[0] // episodes),
                                  inputs["missions"], state, inputs["actions"], inputs["thoughts"], inputs["valid"],
                                  true_thoughts, self.amp)  # fmt: skip
         grads = torch.autograd.grad(objective(terms, self.cfg, self.scale), self.params, allow_unused=True)
@@ -387,41 +399,47 @@ class ChunkGraphs:
         return torch.stack([terms[k].detach().float() for k in STAT_KEYS])
 
     def _capture(self, inputs: dict[str, torch.Tensor], true_thoughts: bool) -> tuple:
-        """(state, outputs, replay) of a chunk recorded with ``inputs``."""
+        """(state, outputs, replay) of a chunk recorded with ``inputs``. The eager warm-up runs add
+        to the gradients and BatchNorm sums: they are put back as they were (a capture may come
+        in the middle of a batch)."""
         state = self.agent.initial_state(inputs["missions"].shape[0], inputs["images"].device)
         if inputs["images"].device.type != "cuda":
             # No CUDA graph off CUDA: each replay runs the chunk eagerly. The tests on the CPU check
             # all of this class but the capture with it.
             outputs = torch.zeros(len(STAT_KEYS))
-            return state, outputs, lambda: outputs.copy_(self._chunk(inputs, state, true_thoughts))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP):
-                self._chunk(inputs, state, true_thoughts)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = self._chunk(inputs, state, true_thoughts)
+            return state, outputs, lambda: outputs.copy_(self.chunk(inputs, state, true_thoughts))
+        accumulated = self._accumulated()
+        kept = [t.clone() for t in accumulated]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    self.chunk(inputs, state, true_thoughts)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = self.chunk(inputs, state, true_thoughts)
+        finally:
+            for t, k in zip(accumulated, kept):
+                t.copy_(k)
         self.pool = graph.pool()
         return state, outputs, graph.replay
 
-    def _reset(self) -> None:
-        """Undo what eager warm-up runs added: a capture comes before a batch's first chunk."""
-        self.zero_grad()
-        for m in self.agent.modules():
-            if isinstance(m, BatchNorm2d):
-                m.update_sums.zero_()
+    def _accumulated(self) -> list[torch.Tensor]:
+        """What chunks add to over an update: the gradients and the BatchNorm sums."""
+        return [p.grad for p in self.params] + [m.update_sums for m in self.agent.modules() if isinstance(m, BatchNorm2d)]
 
     def run_batch(self, batch: Batch, true_thoughts: bool) -> dict[str, float]:
         """:func:`run_batch` of a padded training ``batch`` (after :meth:`zero_grad`), from the graphs."""
         if self.problem is not None:
             return run_batch(self.agent, batch, self.cfg, true_thoughts, self.amp, self.scale)
-        rows = self.cfg.recurrence * batch.sizes[0]
-        key = true_thoughts or self.agent.upper is None  # BC reads no thoughts: one graph
         sums = dict.fromkeys(STAT_KEYS, 0.0)
-        for first in range(0, batch.starts[-1], rows):
-            part = slice(first, first + rows)
+        previous = None  # the state tensors of the previous chunk's graph
+        for t0 in range(0, len(batch.sizes), self.cfg.recurrence):
+            t1 = min(t0 + self.cfg.recurrence, len(batch.sizes))
+            part = slice(batch.starts[t0], batch.starts[t1])
+            key = (true_thoughts or self.agent.upper is None, t1 - t0)  # BC reads no thoughts
             chunk = {"images": batch.images[part], "actions": batch.actions[part], "thoughts": batch.thoughts[part],
                      "valid": batch.valid[part], "missions": batch.missions}  # fmt: skip
             if key not in self.graphs:
@@ -433,16 +451,19 @@ class ChunkGraphs:
                     self.problem = f"{type(err).__name__}: {lines[0] if lines else ''}"
                     print(f"warning: train.cuda_graphs: capturing a chunk failed ({self.problem}); training eagerly",
                           file=sys.stderr)
-                    self._reset()
+                    for t in self._accumulated():  # this batch again, from its start
+                        t.zero_()
                     return run_batch(self.agent, batch, self.cfg, true_thoughts, self.amp, self.scale)
-                self._reset()
             inputs, state, outputs, replay = self.graphs[key]
             for k, v in chunk.items():
                 inputs[k].copy_(v)
-            if first == 0:
-                for v in state.values():
+            for k, v in state.items():
+                if previous is None:
                     v.zero_()
+                elif previous is not state:
+                    v.copy_(previous[k])
             replay()
+            previous = state
             sums = {k: sums[k] + v for k, v in zip(STAT_KEYS, outputs.tolist())}  # one device sync
         return sums
 

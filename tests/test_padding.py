@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tc import vocab
 from tc.model import Agent, BatchNorm2d, ModelConfig, commit_batchnorm
@@ -61,7 +62,7 @@ def test_padded_batch_layout(demos):
     batch = make_batch(demos, episodes, torch.device("cpu"), padding=padding)
     plain = make_batch(demos, episodes, torch.device("cpu"))
     steps = len(plain.sizes)
-    assert len(batch.sizes) == -(-steps // 4) * 4 and set(batch.sizes) == {5}
+    assert len(batch.sizes) == padding.steps(steps) and set(batch.sizes) == {5}
     assert batch.frames == plain.frames == int(batch.valid.sum())
     assert batch.missions.shape == (5, demos.missions.shape[1])
     assert batch.thoughts.shape[1] == padding.thought_len
@@ -73,6 +74,12 @@ def test_padded_batch_layout(demos):
     assert not (plain.thoughts[:, padding.thought_len :] != vocab.PAD).any()
     with pytest.raises(ValueError, match="does not fit a padding of 5"):
         make_batch(demos, np.arange(6), torch.device("cpu"), padding=padding)
+
+
+def test_padded_steps_are_whole_chunks_then_a_bucket(demos):
+    padding = Padding(episodes=180, recurrence=80, step_bucket=16, thought_len=12, mission_len=20)
+    assert [padding.steps(n) for n in (1, 16, 17, 79, 80, 87, 160, 161, 250)] == [16, 16, 32, 80, 80, 96, 160, 176, 256]
+    assert Padding.of(demos, TrainConfig(recurrence=80)).step_bucket == 16  # at most 5 last-chunk lengths
 
 
 def test_fixed_word_encoding_equals_packed_one():
@@ -100,6 +107,8 @@ def graph_updates(demos, use_thoughts: bool, graphs: bool):
         batch = make_batch(demos, episodes, torch.device("cpu"), padding=padding)
         sums = train_update(agent, optimizer, batch, cfg, coin, False, scale, runner)
         results.append((sums, {n: p.grad.clone() for n, p in agent.named_parameters()}))
+    if graphs:  # last chunks of several lengths: the state passes from one graph to another
+        assert {steps for _, steps in runner.graphs} == {4, 2}  # the longest episode: 6 steps
     return results, agent.state_dict()
 
 
@@ -128,3 +137,46 @@ def test_cuda_graphs_off_cuda_warn_and_train_eagerly(tmp_path, demos, capsys):
     warnings = capsys.readouterr().err.strip().splitlines()
     assert warnings == ["warning: train.cuda_graphs: needs one process on a CUDA device (here: 1 on cpu); training eagerly"]
     assert graphed["history"] == [{**row, "wall_time_s": graphed["history"][0]["wall_time_s"]} for row in eager["history"]]
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that a CUDA graph cannot hold (a host synchronisation or a shape read off the
+    data): item / bool (``_local_scalar_dense``), unique, packing, boolean indexing, tensors made
+    from Python values (``lift_fresh``: a host-to-device copy on a GPU)."""
+
+    BAD = {"_local_scalar_dense", "_unique2", "unique_dim", "_pack_padded_sequence", "nonzero", "masked_select",
+           "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.found = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.BAD:
+            self.found.add(name)
+        if name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.found.add("index with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("use_thoughts, true_thoughts", [(True, True), (True, False), (False, True)],
+                         ids=["tc_teacher_forced", "tc_free_running", "bc"])  # fmt: skip
+def test_fixed_chunk_has_nothing_a_cuda_graph_cannot_hold(demos, use_thoughts, true_thoughts):
+    torch.manual_seed(0)
+    agent = Agent(ModelConfig(**{**MODEL, "dropout": 0.2, "attn_dropout": 0.1}, use_thoughts=use_thoughts)).train()
+    cfg = TrainConfig(batch_size=6, recurrence=4, device="cpu")
+    runner = ChunkGraphs(agent, cfg, loss_scale(demos, cfg), False)
+    runner.zero_grad()
+    batch = make_batch(demos, np.arange(5), torch.device("cpu"), padding=Padding.of(demos, cfg))
+    rows = slice(0, 4 * 6)
+    inputs = {"images": batch.images[rows], "actions": batch.actions[rows], "thoughts": batch.thoughts[rows],
+              "valid": batch.valid[rows], "missions": batch.missions}  # fmt: skip
+    state = agent.initial_state(6)
+    with HostSyncs() as fixed:
+        runner.chunk(inputs, state, true_thoughts)  # forward, backward, gradient and state updates
+    assert fixed.found == set()
+    with HostSyncs() as plain:  # what the check finds in the shrinking layout
+        run_batch(agent, make_batch(demos, np.arange(5), torch.device("cpu")), cfg, true_thoughts, False,
+                  loss_scale(demos, cfg))  # fmt: skip
+    assert {"unique_dim", "_pack_padded_sequence", "_local_scalar_dense"} <= plain.found, plain.found
