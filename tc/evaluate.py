@@ -19,11 +19,13 @@ episodes share its batch or on the batch size.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from tc import vocab
@@ -31,8 +33,8 @@ from tc.checkpoint import CheckpointError, load_agent
 from tc.device import pick_device
 from tc.envs import check_env_id
 from tc.episodes import PICKUP, EnvGroup, Interaction, Rollout  # noqa: F401  (Interaction, PICKUP: re-exported)
-from tc.kernels import COMPILE_MODES
-from tc.model import compile_or_warn
+from tc.kernels import COMPILE_MODES, one_line, record
+from tc.model import AgentOutput, compile_or_warn
 from tc.params import check_fields, param
 from tc.stats import paired_difference, wilson_interval
 
@@ -97,6 +99,7 @@ def evaluate(
     progress: bool = True,
     fast: bool = True,
     workers: int = 1,
+    cuda_graphs: bool = False,
 ) -> list[Rollout]:
     """Run one episode per seed and return them in the order of ``seeds`` (``agent`` is left in eval mode).
 
@@ -111,6 +114,8 @@ def evaluate(
     ``workers``: processes stepping the environments (and bots) while this one runs the agent;
     1: all in this process, as always with ``on_step`` (it reads the world). The results do
     not depend on it (tc.episodes).
+    ``cuda_graphs``: on CUDA, the agent's steps are replayed from CUDA graphs (:class:`ActGraphs`);
+    elsewhere ignored.
     """
     check_env_id(env_id)
     check_mode(agent, mode)
@@ -121,6 +126,8 @@ def evaluate(
     device = next(agent.parameters()).device if agent is not None else torch.device("cpu")
     if agent is not None:
         agent.eval()
+    rows = min(batch_size, len(seeds))
+    act = ActGraphs(agent, rows) if cuda_graphs and device.type == "cuda" and agent is not None else getattr(agent, "act", None)
     env_kwargs = {"render_mode": "rgb_array"} if render else {}
     if max_steps is not None:
         env_kwargs["max_steps"] = int(max_steps)
@@ -128,7 +135,7 @@ def evaluate(
         workers = 1  # the hook reads the world: the environments must be in this process
     episodes: list[Rollout] = []
     bar = tqdm(total=len(seeds), desc=f"eval {mode}", unit="ep", disable=not progress)
-    with EnvGroup(env_id, env_kwargs, fast, mode in ("oracle", "bot"), min(batch_size, len(seeds)), workers) as group:
+    with EnvGroup(env_id, env_kwargs, fast, mode in ("oracle", "bot"), rows, workers) as group:
         for start in range(0, len(seeds), batch_size):
             chunk = [int(s) for s in seeds[start : start + batch_size]]
             missions, views = zip(*group.reset(chunk))
@@ -147,7 +154,7 @@ def evaluate(
                 else:
                     given = [views[j].advice[1] for j in live] if mode == "oracle" else None
                     thoughts, actions, state = _agent_step(
-                        agent, views, live, enc, state, given, rngs, argmax, thought_override, start, step, device
+                        act, views, live, enc, state, given, rngs, argmax, thought_override, start, step, device
                     )
                 moves = {}
                 for k, j in enumerate(live):
@@ -172,15 +179,78 @@ def evaluate(
     return episodes
 
 
+class ActGraphs:
+    """``Agent.act`` replayed from CUDA graphs (``evaluate.cuda_graphs``): one launch per step.
+
+    An evaluation step is one forward pass of a few hundred small kernels for the live
+    environments, on a GPU bound by launching them. Here every step runs ``rows`` rows: the
+    live ones, then rows left from earlier steps or copies of the first (in eval mode rows do
+    not interact: the live rows' results are the same), mission words padded to a multiple
+    of ``WORDS``, in the agent's fixed-shape path (no host synchronisation; greedy decoding
+    of every word). One graph per mission width and per thoughts given or generated, in one
+    memory pool. Off CUDA each replay runs eagerly (tc.kernels.record: what the CPU tests
+    check). Where capturing fails, one warning line, and the agent acts eagerly.
+    """
+
+    WORDS = 8
+    WARMUP = 2
+
+    def __init__(self, agent, rows: int):
+        self.agent, self.rows = agent, rows
+        self.graphs: dict[tuple, tuple] = {}  # (mission words, thought words or None) -> (inputs, outputs, replay)
+        self.pool = None
+        self.problem: str | None = None
+
+    def __call__(self, images: torch.Tensor, directions, mission: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                 thoughts: torch.Tensor | None = None):  # fmt: skip
+        """As ``agent.act`` for up to ``rows`` environments."""
+        if self.problem is not None:
+            return self.agent.act(images, directions, mission, state, thoughts)
+        n, width = images.shape[0], mission["words"].shape[1]
+        pad = -width % self.WORDS
+        live = {"images": images, "words": F.pad(mission["words"], (0, 0, 0, pad)), "mask": F.pad(mission["mask"], (0, pad)),
+                **{f"state.{k}": v for k, v in state.items()}}  # fmt: skip
+        if thoughts is not None:
+            live["thoughts"] = thoughts
+        key = (width + pad, None if thoughts is None else thoughts.shape[1])
+        if key not in self.graphs:
+            inputs = {k: torch.cat([v, v[:1].expand(self.rows - n, *v.shape[1:])]) for k, v in live.items()}
+            try:
+                self.graphs[key] = (inputs, *self._capture(inputs))
+            except Exception as err:  # noqa: BLE001 -- whatever the cause, the agent acts eagerly
+                self.problem = one_line(err)
+                print(f"warning: evaluate.cuda_graphs: capturing a step failed ({self.problem}); acting eagerly",
+                      file=sys.stderr)
+                return self.agent.act(images, directions, mission, state, thoughts)
+        inputs, outputs, replay = self.graphs[key]
+        for k, v in live.items():
+            inputs[k][:n].copy_(v)
+        replay()
+        return AgentOutput(outputs["logits"][:n].clone(), outputs["thoughts"][:n].clone() if "thoughts" in outputs else None,
+                           None, {k[6:]: v[:n].clone() for k, v in outputs.items() if k.startswith("state.")})  # fmt: skip
+
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> tuple:
+        def step() -> dict[str, torch.Tensor]:
+            out = self.agent.act(inputs["images"], None, {"words": inputs["words"], "mask": inputs["mask"]},
+                                 {k[6:]: v for k, v in inputs.items() if k.startswith("state.")}, inputs.get("thoughts"),
+                                 fixed=True)  # fmt: skip
+            thoughts = {} if out.thoughts is None else {"thoughts": out.thoughts}
+            return {"logits": out.logits, **thoughts, **{f"state.{k}": v for k, v in out.state.items()}}
+
+        outputs, replay, self.pool = record(step, inputs["images"].device, self.WARMUP, self.pool)
+        return outputs, replay
+
+
 @torch.inference_mode()
-def _agent_step(agent, views, live, enc, state, given, rngs, argmax, thought_override, start, step, device):
-    """One forward pass for the live slots: returns (thought texts or None, actions, new state).
+def _agent_step(act, views, live, enc, state, given, rngs, argmax, thought_override, start, step, device):
+    """One forward pass (``act``: ``agent.act`` or :class:`ActGraphs`) for the live slots: returns
+    (thought texts or None, actions, new state).
 
     ``given``: thoughts to act on (oracle) instead of generated ones.
     """
     images = torch.from_numpy(np.stack([views[j].image for j in live])).to(device)
     directions = torch.tensor([views[j].direction for j in live], dtype=torch.long, device=device)
-    out = agent.act(images, directions, enc, state, thoughts=None if given is None else _thought_tensor(given, device))
+    out = act(images, directions, enc, state, thoughts=None if given is None else _thought_tensor(given, device))
     thoughts = given
     if given is None and out.thoughts is not None:
         thoughts = [vocab.decode(row) for row in out.thoughts.tolist()]
@@ -189,7 +259,7 @@ def _agent_step(agent, views, live, enc, state, given, rngs, argmax, thought_ove
             if any(f is not None for f in forced):
                 # Act again from the same state, on the overriding thoughts: act() does not mutate state.
                 thoughts = [f if f is not None else t for f, t in zip(forced, thoughts)]
-                out = agent.act(images, directions, enc, state, thoughts=_thought_tensor(thoughts, device))
+                out = act(images, directions, enc, state, thoughts=_thought_tensor(thoughts, device))
     actions = _sample(out.logits.float(), [rngs[j] for j in live], argmax)
     return thoughts, actions, out.state
 
@@ -240,14 +310,16 @@ class EvaluateConfig:
     max_steps: int | None = param(None, ge=1)  # None: the level's own step limit
     compile: str | None = param(None, choices=COMPILE_MODES, speed=True)  # torch.compile of each step (Agent.compile_steps)
     workers: int = param(1, ge=1, speed=True)  # processes stepping the environments and bots (evaluate's workers)
+    cuda_graphs: bool = param(False, speed=True)  # the agents' steps replayed from CUDA graphs (ActGraphs); CUDA only
 
     def __post_init__(self):
         check_fields(self, "evaluate")
 
     def kwargs(self) -> dict:
-        """Keyword arguments of :func:`evaluate`: batch_size, argmax, sample_seed (= seed), max_steps, workers."""
+        """Keyword arguments of :func:`evaluate`: batch_size, argmax, sample_seed (= seed), max_steps, workers,
+        cuda_graphs."""
         return {"batch_size": self.batch_size, "argmax": self.argmax, "sample_seed": self.seed,
-                "max_steps": self.max_steps, "workers": self.workers}  # fmt: skip
+                "max_steps": self.max_steps, "workers": self.workers, "cuda_graphs": self.cuda_graphs}  # fmt: skip
 
     def device_for_torch(self) -> torch.device:
         """The device of ``device``, with ``threads`` intra-op threads on the CPU (see tc.device)."""
@@ -255,8 +327,12 @@ class EvaluateConfig:
 
     def load_agent(self, path, mode: str):
         """The checkpoint at ``path`` for ``mode`` on this config's device, compiled as ``compile`` says."""
-        agent = load_agent_for(path, mode, self.device_for_torch())
+        device = self.device_for_torch()
+        agent = load_agent_for(path, mode, device)
         compile_or_warn(agent, self.compile, "evaluate.compile")
+        if self.cuda_graphs and device.type != "cuda":
+            print(f"warning: evaluate.cuda_graphs: needs a CUDA device (here: {device.type}); acting eagerly",
+                  file=sys.stderr)
         return agent
 
 

@@ -123,9 +123,44 @@ def compile_problem(device: torch.device | str, mode: str) -> str | None:
     try:
         torch.compile(probe, dynamic=True, mode=mode)(torch.ones(2, 4, device=device, requires_grad=True)).sum().backward()
     except Exception as err:  # noqa: BLE001 -- whatever the cause, the agent then runs eagerly
-        lines = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {lines[0] if lines else ''}"
+        return one_line(err)
     return None
+
+
+def one_line(err: Exception) -> str:
+    """An exception as one line for a warning: its type and its message's first line."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def record(fn: Callable[[], dict[str, Tensor]], device: torch.device, warmup: int,
+           pool=None) -> tuple[dict[str, Tensor], Callable[[], None], object]:  # fmt: skip
+    """Record ``fn`` (a fixed-shape computation returning a dict of tensors) for replaying.
+
+    On CUDA: ``warmup`` eager runs on a side stream (cuBLAS / cuDNN workspaces, lazy
+    set-ups), then a CUDA graph in memory ``pool`` (shared by graphs never replayed at the
+    same time). Elsewhere every replay runs ``fn`` eagerly, which is what tests on the CPU
+    check of the callers. ``fn`` runs for real while recording: the caller undoes what it
+    changed. Returns (the tensors every replay rewrites, replay, the memory pool).
+    """
+    if device.type != "cuda":
+        outputs = fn()
+
+        def replay() -> None:
+            for k, v in fn().items():
+                outputs[k].copy_(v)
+
+        return outputs, replay, None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn()
+    return outputs, graph.replay, graph.pool()
 
 
 def lstm_pointwise(x_gates: Tensor, h_gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:

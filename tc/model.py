@@ -600,12 +600,15 @@ class Agent(nn.Module):
         mission: dict[str, Tensor],
         state: dict[str, Tensor],
         thoughts: Tensor | None = None,
+        fixed: bool = False,
     ) -> AgentOutput:
         """One step for B environments (``forward`` with one step); never changes ``state``.
 
         ``thoughts`` [B, L], when given, are used instead of generated ones (oracle thoughts,
         human steering). ``directions`` is accepted for the interface but unused: the
-        egocentric 7x7 view already fixes the agent's heading (as in BabyAI 1.1).
+        egocentric 7x7 view already fixes the agent's heading (as in BabyAI 1.1). ``fixed``:
+        the fixed-shape path of :meth:`forward` (no host synchronisation: CUDA graphs), the
+        same result (all rows count: in eval mode rows do not interact).
         """
         del directions
         if thoughts is not None:
@@ -614,7 +617,8 @@ class Agent(nn.Module):
             if extra < 0:
                 raise ValueError(f"thoughts have {thoughts.shape[1]} tokens, more than max_thought_len={self.cfg.max_thought_len}")
             thoughts = F.pad(thoughts, (0, extra), value=vocab.PAD)
-        return self(images, [images.shape[0]], mission, state, thoughts)
+        valid = images.new_ones(images.shape[0], dtype=torch.bool) if fixed else None
+        return self(images, [images.shape[0]], mission, state, thoughts, valid=valid)
 
 
 def compile_or_warn(agent: Agent, mode: str | None, setting: str) -> bool:

@@ -45,7 +45,7 @@ from tc import distributed, vocab
 from tc.checkpoint import check_config, load_checkpoint, save_checkpoint
 from tc.demos import Demos
 from tc.device import pick_device
-from tc.kernels import COMPILE_MODES
+from tc.kernels import COMPILE_MODES, one_line, record
 from tc.model import Agent, AgentOutput, BatchNorm2d, ModelConfig, commit_batchnorm, compile_or_warn, count_parameters
 from tc.params import check_fields, dataclass_from_dict, param
 
@@ -399,32 +399,20 @@ class ChunkGraphs:
         return torch.stack([terms[k].detach().float() for k in STAT_KEYS])
 
     def _capture(self, inputs: dict[str, torch.Tensor], true_thoughts: bool) -> tuple:
-        """(state, outputs, replay) of a chunk recorded with ``inputs``. The eager warm-up runs add
-        to the gradients and BatchNorm sums: they are put back as they were (a capture may come
-        in the middle of a batch)."""
+        """(state, outputs, replay) of a chunk recorded with ``inputs`` (tc.kernels.record; off CUDA
+        each replay runs eagerly, what the tests on the CPU check). The runs while recording add to
+        the gradients and BatchNorm sums: they are put back as they were (a capture may come in
+        the middle of a batch)."""
         state = self.agent.initial_state(inputs["missions"].shape[0], inputs["images"].device)
-        if inputs["images"].device.type != "cuda":
-            # No CUDA graph off CUDA: each replay runs the chunk eagerly. The tests on the CPU check
-            # all of this class but the capture with it.
-            outputs = torch.zeros(len(STAT_KEYS))
-            return state, outputs, lambda: outputs.copy_(self.chunk(inputs, state, true_thoughts))
         accumulated = self._accumulated()
         kept = [t.clone() for t in accumulated]
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.WARMUP):
-                    self.chunk(inputs, state, true_thoughts)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                outputs = self.chunk(inputs, state, true_thoughts)
+            outputs, replay, self.pool = record(lambda: {"terms": self.chunk(inputs, state, true_thoughts)},
+                                                inputs["images"].device, self.WARMUP, self.pool)  # fmt: skip
         finally:
             for t, k in zip(accumulated, kept):
                 t.copy_(k)
-        self.pool = graph.pool()
-        return state, outputs, graph.replay
+        return state, outputs["terms"], replay
 
     def _accumulated(self) -> list[torch.Tensor]:
         """What chunks add to over an update: the gradients and the BatchNorm sums."""
@@ -447,8 +435,7 @@ class ChunkGraphs:
                 try:
                     self.graphs[key] = (inputs, *self._capture(inputs, true_thoughts))
                 except Exception as err:  # noqa: BLE001 -- whatever the cause, training goes on eagerly
-                    lines = str(err).strip().splitlines()
-                    self.problem = f"{type(err).__name__}: {lines[0] if lines else ''}"
+                    self.problem = one_line(err)
                     print(f"warning: train.cuda_graphs: capturing a chunk failed ({self.problem}); training eagerly",
                           file=sys.stderr)
                     for t in self._accumulated():  # this batch again, from its start

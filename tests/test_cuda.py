@@ -94,3 +94,16 @@ def test_cuda_graphed_chunks_equal_eager(demos, use_thoughts, amp):
         for k in sums:
             assert g_sums[k] == pytest.approx(sums[k], **tol), k
         assert torch.nn.functional.cosine_similarity(g_grads, grads, dim=0) > (0.99 if amp else 0.9999)
+
+
+@pytest.mark.parametrize("mode", ["tc", "oracle", "bc"])
+def test_cuda_graphed_steps_act_as_eager(mode):
+    """evaluate.cuda_graphs (ActGraphs) captures and replays the agent's steps: the same rollouts."""
+    from tc.evaluate import evaluate
+
+    torch.manual_seed(0)
+    agent = Agent(ModelConfig(**{**MODEL.to_dict(), "use_thoughts": mode != "bc"})).cuda()
+    run = lambda graphs: evaluate(agent, "BabyAI-GoToLocal-v0", list(range(7)), mode, batch_size=4, argmax=True,  # noqa: E731
+                                  max_steps=12, progress=False, cuda_graphs=graphs)
+    eager, graphed = run(False), run(True)
+    assert [(e.actions, e.thoughts, e.success) for e in graphed] == [(e.actions, e.thoughts, e.success) for e in eager]

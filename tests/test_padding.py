@@ -1,5 +1,7 @@
-"""Fixed-shape chunks (tc.train.Padding, what CUDA graphs replay): the same losses, gradients and
-BatchNorm statistics as the shrinking time-major layout, on real demos and a tiny model."""
+"""The fixed-shape paths that CUDA graphs replay, on the CPU: padded training chunks (tc.train.Padding)
+give the same losses, gradients and BatchNorm statistics as the shrinking time-major layout (real
+demos, a tiny model), hold no op a graph cannot hold, and ChunkGraphs / ActGraphs (each replay
+eager here) train and act as the eager agent."""
 
 from dataclasses import replace
 
@@ -9,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tc import vocab
+from tc.evaluate import ActGraphs
 from tc.model import Agent, BatchNorm2d, ModelConfig, commit_batchnorm
 from tc.train import ChunkGraphs, Padding, TrainConfig, loss_scale, make_batch, run_batch, train, train_update
 
@@ -180,3 +183,30 @@ def test_fixed_chunk_has_nothing_a_cuda_graph_cannot_hold(demos, use_thoughts, t
         run_batch(agent, make_batch(demos, np.arange(5), torch.device("cpu")), cfg, true_thoughts, False,
                   loss_scale(demos, cfg))  # fmt: skip
     assert {"unique_dim", "_pack_padded_sequence", "_local_scalar_dense"} <= plain.found, plain.found
+
+
+@pytest.mark.parametrize("kind", ["tc", "oracle", "bc"])
+def test_act_graphs_act_as_the_agent(kind):
+    # Off CUDA each replay runs eagerly: the padding of rows and words, the graph keys and the
+    # outputs' rows are checked here; tests/test_cuda.py checks the capture.
+    torch.manual_seed(0)
+    agent = Agent(ModelConfig(**MODEL, use_thoughts=kind != "bc")).eval()
+    act = ActGraphs(agent, rows=5)
+    for n, mission_len in ((5, 6), (3, 6), (2, 11)):
+        images = torch.randint(0, 6, (n, 7, 7, 3), dtype=torch.uint8)
+        missions = torch.randint(3, vocab.VOCAB_SIZE, (n, mission_len))
+        missions[0, mission_len - 2 :] = vocab.PAD  # a shorter mission
+        with torch.inference_mode():
+            mission = agent.encode_mission(missions)
+            state = {k: torch.randn_like(v) for k, v in agent.initial_state(n).items()}
+            thoughts = torch.randint(3, vocab.VOCAB_SIZE, (n, vocab.MAX_THOUGHT_LEN)) if kind == "oracle" else None
+            want, got = agent.act(images, None, mission, state, thoughts), act(images, None, mission, state, thoughts)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+        assert (got.thoughts is None) == (want.thoughts is None)
+        if want.thoughts is not None:
+            assert torch.equal(got.thoughts, want.thoughts)
+        assert got.state.keys() == want.state.keys()
+        for k in want.state:
+            torch.testing.assert_close(got.state[k], want.state[k], rtol=1e-5, atol=1e-6)
+    thought_width = vocab.MAX_THOUGHT_LEN if kind == "oracle" else None
+    assert set(act.graphs) == {(8, thought_width), (16, thought_width)}  # mission words in multiples of 8
