@@ -9,6 +9,8 @@ the same run and reports ``<mode>_..._fast_vs_minigrid`` (time ratio; > 1: ours 
 reports ``<mode>_..._compiled_vs_eager`` (time ratio; > 1: compiled is faster).
 ``--workers N`` also times the environments stepped in N processes (``evaluate.workers``)
 and reports ``<mode>_..._workers_vs_one`` (time ratio; > 1: the workers are faster).
+``--cuda-graphs`` (CUDA) also times the agent's steps replayed from CUDA graphs
+(``evaluate.cuda_graphs``) and reports ``<mode>_..._graphs_vs_eager`` (> 1: the graphs are faster).
 
 Every episode is capped at ``--max-steps`` so that both batch sizes do the same work
 (an untrained agent would otherwise wander to the level's limit). Without a checkpoint
@@ -52,12 +54,15 @@ def main() -> None:
                         help="also time minigrid's own observation and bot (evaluate fast=False), side by side")
     parser.add_argument("--compile", choices=COMPILE_MODES, help="also time the agent compiled in this mode")
     parser.add_argument("--workers", type=int, help="also time the environments stepped in this many processes")
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time the agent's steps from CUDA graphs (CUDA)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
                         help="torch intra-op thread counts to time (default: 1 and torch's default)")
     parser.add_argument("--out", default="benchmarks/results/eval_throughput.json")
     args = parser.parse_args()
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
 
     seeds = list(range(args.episodes))
     load_at_start = os.getloadavg()
@@ -71,26 +76,29 @@ def main() -> None:
                   for mode in args.modes}  # fmt: skip
     results = {}
     for mode, agent in agents.items():
-        variants = {"": (agent, True, 1)}  # key suffix: (agent, fast, workers)
+        variants = {"": (agent, True, 1, False)}  # key suffix: (agent, fast, workers, CUDA graphs)
         if args.reference:
-            variants["_minigrid"] = (agent, False, 1)
+            variants["_minigrid"] = (agent, False, 1, False)
         if args.compile:
             compiled = copy.deepcopy(agent)
             if compile_or_warn(compiled, args.compile, "--compile"):
-                variants["_compiled"] = (compiled, True, 1)
+                variants["_compiled"] = (compiled, True, 1, False)
         if args.workers:
-            variants["_workers"] = (agent, True, args.workers)
+            variants["_workers"] = (agent, True, args.workers, False)
+        if args.cuda_graphs:
+            variants["_graphs"] = (agent, True, 1, True)
         for threads in args.threads:
             torch.set_num_threads(threads)
             for batch in args.batch_sizes:
-                for suffix, (timed, fast, workers) in variants.items():
-                    # warm-up (a compiled agent compiles here, for the sizes of this batch)
+                for suffix, (timed, fast, workers, graphs) in variants.items():
+                    # warm-up (a compiled agent compiles here, for the sizes of this batch; graphs are
+                    # captured in every evaluate call, so their capture is in the timed runs)
                     evaluate(timed, args.level, seeds[:batch], mode, batch_size=batch, max_steps=4, progress=False)
                     times = []
                     for _ in range(args.repeats):  # alternating would be fairer on a busy machine; repeats are adjacent
                         start = time.perf_counter()
                         eps = evaluate(timed, args.level, seeds, mode, batch_size=batch, max_steps=args.max_steps,
-                                       progress=False, fast=fast, workers=workers)  # fmt: skip
+                                       progress=False, fast=fast, workers=workers, cuda_graphs=graphs)  # fmt: skip
                         times.append(time.perf_counter() - start)
                     steps, med = sum(e.length for e in eps), statistics.median(times)
                     key = f"{mode}_threads{threads}_batch{batch}{suffix}"
@@ -106,6 +114,8 @@ def main() -> None:
                     results[f"{key}_compiled_vs_eager"] = base / results[f"{key}_compiled"]["median_s"]
                 if "_workers" in variants:  # > 1: the worker processes are faster than stepping here
                     results[f"{key}_workers_vs_one"] = base / results[f"{key}_workers"]["median_s"]
+                if "_graphs" in variants:  # > 1: the CUDA graphs are faster than eager steps
+                    results[f"{key}_graphs_vs_eager"] = base / results[f"{key}_graphs"]["median_s"]
             first = results[f"{mode}_threads{threads}_batch{args.batch_sizes[0]}"]["episodes_per_s"]
             for batch in args.batch_sizes[1:]:
                 key = f"{mode}_threads{threads}_speedup_batch{batch}_vs_{args.batch_sizes[0]}"
@@ -116,7 +126,7 @@ def main() -> None:
             "level": args.level, "episodes": args.episodes, "max_steps": args.max_steps, "repeats": args.repeats,
             "checkpoint": args.checkpoint, "torch": torch.__version__, "threads": args.threads,
             "device": args.device if args.device == "cpu" else f"cuda: {torch.cuda.get_device_name()}",
-            "compile": args.compile, "workers": args.workers,
+            "compile": args.compile, "workers": args.workers, "cuda_graphs": args.cuda_graphs,
             "cpus": os.cpu_count(), "machine": platform.machine(),
             "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(),
         },

@@ -2,7 +2,7 @@
 # The GPU checks of issue 11 as ONE command for the device tool (an H100/H200 session has 15 minutes
 # of device time, a machine start included): the CUDA tests (AMP, compiled steps, CUDA graphs of
 # training chunks), training throughput of ours (TC, batch 180, fp32 / AMP, eager / compiled / CUDA
-# graphs) next to the public code, and evaluation throughput (compiled, environment workers).
+# graphs) next to the public code, and evaluation throughput (compiled, environment workers, CUDA graphs).
 # Results land in $OUT. Not yet run: the part limits (120 + 330 + 100 s) are estimates.
 #
 # Before, on this machine (the GPU machine has no minigrid and no internet; ../shared does not travel):
@@ -27,5 +27,5 @@ timeout 330 python3 benchmarks/train_throughput.py --device cuda --agents tc --b
   --out "$OUT/train_throughput_cuda.json" 2>&1 | tail -12
 
 timeout 100 python3 benchmarks/eval_throughput.py --device cuda --params params-gpu.yaml --level BabyAI-BossLevel-v0 --modes tc oracle \
-  --batch-sizes 64 --threads 1 --episodes 64 --max-steps 32 --repeats 2 --workers 8 --compile default \
+  --batch-sizes 64 --threads 1 --episodes 64 --max-steps 32 --repeats 2 --workers 8 --compile default --cuda-graphs \
   --out "$OUT/eval_throughput_cuda.json" 2>&1 | grep -v Warning | tail -12

@@ -68,7 +68,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
     scale = loss_scale(demos, cfg)
     runner = ChunkGraphs(agent, cfg, scale, amp) if graphs else None
     padding = Padding.of(demos, cfg) if graphs else None
-    seconds, frames = [], []
+    seconds, frames, rows = [], [], []
     for i in range(warmup + updates):
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -80,6 +80,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
         if i >= warmup:  # the first updates warm up allocators, kernels and compilation
             seconds.append(time.perf_counter() - t)
             frames.append(batch.frames)
+            rows.append(batch.starts[-1])
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "amp": amp, "threads": threads,
@@ -87,6 +88,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
             "cuda_graphs": graphs and runner.problem is None, "cuda_graphs_problem": runner and runner.problem,
             "parameters": count_parameters(agent),
             "frames_per_s": sum(frames) / sum(seconds), "update_s": seconds, "frames_per_update": frames,
+            "rows_per_frame": sum(rows) / sum(frames),  # > 1: padded batches (CUDA graphs) compute more rows
             "peak_memory_gb": peak, "peak_memory_kind": "cuda max allocated" if dev.type == "cuda" else "max RSS",
             "model": asdict(model_cfg)}
 

@@ -127,7 +127,9 @@ def evaluate(
     if agent is not None:
         agent.eval()
     rows = min(batch_size, len(seeds))
-    act = ActGraphs(agent, rows) if cuda_graphs and device.type == "cuda" and agent is not None else getattr(agent, "act", None)
+    act = getattr(agent, "act", None)  # None: the bot acts
+    if cuda_graphs and device.type == "cuda" and agent is not None:
+        act = ActGraphs(agent, rows)
     env_kwargs = {"render_mode": "rgb_array"} if render else {}
     if max_steps is not None:
         env_kwargs["max_steps"] = int(max_steps)
@@ -201,15 +203,15 @@ class ActGraphs:
         self.pool = None
         self.problem: str | None = None
 
-    def __call__(self, images: torch.Tensor, directions, mission: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                 thoughts: torch.Tensor | None = None):  # fmt: skip
+    def __call__(self, images: torch.Tensor, directions, mission: dict[str, torch.Tensor],
+                 state: dict[str, torch.Tensor], thoughts: torch.Tensor | None = None) -> AgentOutput:  # fmt: skip
         """As ``agent.act`` for up to ``rows`` environments."""
         if self.problem is not None:
             return self.agent.act(images, directions, mission, state, thoughts)
         n, width = images.shape[0], mission["words"].shape[1]
         pad = -width % self.WORDS
-        live = {"images": images, "words": F.pad(mission["words"], (0, 0, 0, pad)), "mask": F.pad(mission["mask"], (0, pad)),
-                **{f"state.{k}": v for k, v in state.items()}}  # fmt: skip
+        live = {"images": images, "words": F.pad(mission["words"], (0, 0, 0, pad)),
+                "mask": F.pad(mission["mask"], (0, pad)), **{f"state.{k}": v for k, v in state.items()}}  # fmt: skip
         if thoughts is not None:
             live["thoughts"] = thoughts
         key = (width + pad, None if thoughts is None else thoughts.shape[1])
@@ -226,14 +228,15 @@ class ActGraphs:
         for k, v in live.items():
             inputs[k][:n].copy_(v)
         replay()
-        return AgentOutput(outputs["logits"][:n].clone(), outputs["thoughts"][:n].clone() if "thoughts" in outputs else None,
-                           None, {k[6:]: v[:n].clone() for k, v in outputs.items() if k.startswith("state.")})  # fmt: skip
+        rows = {k: v[:n].clone() for k, v in outputs.items()}  # the next replay overwrites the outputs
+        return AgentOutput(rows["logits"], rows.get("thoughts"), None,
+                           {k.removeprefix("state."): v for k, v in rows.items() if k.startswith("state.")})
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> tuple:
         def step() -> dict[str, torch.Tensor]:
-            out = self.agent.act(inputs["images"], None, {"words": inputs["words"], "mask": inputs["mask"]},
-                                 {k[6:]: v for k, v in inputs.items() if k.startswith("state.")}, inputs.get("thoughts"),
-                                 fixed=True)  # fmt: skip
+            state = {k.removeprefix("state."): v for k, v in inputs.items() if k.startswith("state.")}
+            out = self.agent.act(inputs["images"], None, {"words": inputs["words"], "mask": inputs["mask"]}, state,
+                                 inputs.get("thoughts"), fixed=True)  # fmt: skip
             thoughts = {} if out.thoughts is None else {"thoughts": out.thoughts}
             return {"logits": out.logits, **thoughts, **{f"state.{k}": v for k, v in out.state.items()}}
 

@@ -575,8 +575,8 @@ class Agent(nn.Module):
         step has the same rows, ``valid`` marks the real ones (the others are copies that
         BatchNorm and the loss leave out), nothing synchronises with the host, and
         ``thought_logits`` are [N, L, vocab] for every position of ``targets``
-        (:meth:`ThoughtGenerator.decode_all_positions`). Mission encodings must then come from
-        ``encode_mission(..., fixed=True)``.
+        (:meth:`ThoughtGenerator.decode_all_positions`). Inside a CUDA graph the mission
+        encodings must be fixed-shape too: ``encode_mission(..., fixed=True)``.
         """
         x0 = self.perception.image(images, valid)
         thought_logits = t_words = t_mask = None

@@ -360,10 +360,11 @@ class ChunkGraphs:
     teacher-forcing mode and chunk length, all in one memory pool.
 
     A replay reads the chunk copied into the graph's input tensors and the state, copied into
-    the graph's state tensors from the previous chunk's graph (zeros at a batch's start); it adds the gradients (``torch.autograd.grad``) into the parameters' ``.grad``
-    and the BatchNorm sums into theirs, writes the new state and the loss terms. The graph
-    reads the parameters where they are, and Adam updates them in place. Where capturing
-    fails, one warning line, and every batch runs eagerly (the padded batch as it is).
+    the graph's state tensors from the previous chunk's graph (zeros at a batch's start); it
+    adds the gradients (``torch.autograd.grad``) into the parameters' ``.grad`` and the
+    BatchNorm sums into theirs, writes the new state and the loss terms. The graph reads the
+    parameters where they are, and Adam updates them in place. Where capturing fails, one
+    warning line, and every batch runs eagerly (the padded batch as it is).
     """
 
     WARMUP = 2  # eager runs before capturing (cuBLAS / cuDNN workspaces, autograd's lazy set-up)

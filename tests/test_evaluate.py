@@ -128,8 +128,9 @@ def test_cli_watch_and_show(tmp_path, capsys):
 
 def test_evaluate_config_gives_the_evaluate_arguments():
     cfg = EvaluateConfig(seed=1, episodes=4, batch_size=8, argmax=False, device="cpu", threads=1, max_steps=None,
-                         workers=3)  # fmt: skip
-    assert cfg.kwargs() == {"batch_size": 8, "argmax": False, "sample_seed": 1, "max_steps": None, "workers": 3}
+                         workers=3, cuda_graphs=True)  # fmt: skip
+    assert cfg.kwargs() == {"batch_size": 8, "argmax": False, "sample_seed": 1, "max_steps": None, "workers": 3,
+                            "cuda_graphs": True}  # fmt: skip
     with pytest.raises(ValueError, match="evaluate.batch_size = '8': expected an int >= 1"):
         EvaluateConfig(batch_size="8")
 
