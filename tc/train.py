@@ -257,12 +257,15 @@ def loss_terms(out: AgentOutput, actions: torch.Tensor, thoughts: torch.Tensor,
     selections there, so that no shape depends on the data.
     """
     logp = out.logits.float().log_softmax(1)
-    weight = logp.new_ones(()) if valid is None else valid.float()
+
+    def total(x: torch.Tensor) -> torch.Tensor:  # summed over the rows that count ([N, ...])
+        return x.sum() if valid is None else (x * valid.view(-1, *(1,) * (x.dim() - 1))).sum()
+
     terms = {
-        "frames": logp.new_tensor(float(actions.shape[0])) if valid is None else weight.sum(),
-        "action_nll": -(logp.gather(1, actions[:, None]).squeeze(1) * weight).sum(),
-        "entropy": -((logp.exp() * logp).sum(1) * weight).sum(),
-        "action_correct": ((logp.argmax(1) == actions) * weight).sum(),
+        "frames": logp.new_tensor(float(actions.shape[0])) if valid is None else valid.sum().float(),
+        "action_nll": -total(logp.gather(1, actions[:, None])),
+        "entropy": -total(logp.exp() * logp),
+        "action_correct": total(logp.argmax(1) == actions),
     }
     zero = terms["action_nll"].new_zeros(())
     terms.update(thought_tokens=zero, thought_nll=zero, thought_correct=zero)
