@@ -195,7 +195,6 @@ class ActGraphs:
     """
 
     WORDS = 8
-    WARMUP = 2
 
     def __init__(self, agent, rows: int):
         self.agent, self.rows = agent, rows
@@ -228,7 +227,7 @@ class ActGraphs:
         for k, v in live.items():
             inputs[k][:n].copy_(v)
         replay()
-        rows = {k: v[:n].clone() for k, v in outputs.items()}  # the next replay overwrites the outputs
+        rows = {k: v[:n].clone() for k, v in outputs.items()}  # read before the next replay (tc.kernels.record)
         return AgentOutput(rows["logits"], rows.get("thoughts"), None,
                            {k.removeprefix("state."): v for k, v in rows.items() if k.startswith("state.")})
 
@@ -240,7 +239,7 @@ class ActGraphs:
             thoughts = {} if out.thoughts is None else {"thoughts": out.thoughts}
             return {"logits": out.logits, **thoughts, **{f"state.{k}": v for k, v in out.state.items()}}
 
-        outputs, replay, self.pool = record(step, inputs["images"].device, self.WARMUP, self.pool)
+        outputs, replay, self.pool = record(step, inputs["images"].device, self.pool)
         return outputs, replay
 
 

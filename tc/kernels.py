@@ -133,15 +133,17 @@ def one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def record(fn: Callable[[], dict[str, Tensor]], device: torch.device, warmup: int,
-           pool=None) -> tuple[dict[str, Tensor], Callable[[], None], object]:  # fmt: skip
+def record(fn: Callable[[], dict[str, Tensor]], device: torch.device, pool=None,
+           warmup: int = 2) -> tuple[dict[str, Tensor], Callable[[], None], object]:  # fmt: skip
     """Record ``fn`` (a fixed-shape computation returning a dict of tensors) for replaying.
 
     On CUDA: ``warmup`` eager runs on a side stream (cuBLAS / cuDNN workspaces, lazy
-    set-ups), then a CUDA graph in memory ``pool`` (shared by graphs never replayed at the
-    same time). Elsewhere every replay runs ``fn`` eagerly, which is what tests on the CPU
-    check of the callers. ``fn`` runs for real while recording: the caller undoes what it
-    changed. Returns (the tensors every replay rewrites, replay, the memory pool).
+    set-ups), then a CUDA graph in memory ``pool``, shared by graphs never replayed at the
+    same time. A graph's outputs may lie where another graph of the pool keeps its
+    temporaries: read them before the next replay. Elsewhere every replay runs ``fn``
+    eagerly, which is what tests on the CPU check of the callers. ``fn`` runs for real while
+    recording: the caller undoes what it changed. Returns (the tensors every replay
+    rewrites, replay, the memory pool).
     """
     if device.type != "cuda":
         outputs = fn()

@@ -370,8 +370,6 @@ class ChunkGraphs:
     warning line, and every batch runs eagerly (the padded batch as it is).
     """
 
-    WARMUP = 2  # eager runs before capturing (cuBLAS / cuDNN workspaces, autograd's lazy set-up)
-
     def __init__(self, agent: Agent, cfg: TrainConfig, scale: tuple[float, float], amp: bool):
         self.agent, self.cfg, self.scale, self.amp = agent, cfg, scale, amp
         self.params = [p for p in agent.parameters() if p.requires_grad]
@@ -412,7 +410,7 @@ class ChunkGraphs:
         kept = [t.clone() for t in accumulated]
         try:
             outputs, replay, self.pool = record(lambda: {"terms": self.chunk(inputs, state, true_thoughts)},
-                                                inputs["images"].device, self.WARMUP, self.pool)  # fmt: skip
+                                                inputs["images"].device, self.pool)  # fmt: skip
         finally:
             for t, k in zip(accumulated, kept):
                 t.copy_(k)
@@ -455,7 +453,7 @@ class ChunkGraphs:
                     v.copy_(previous[k])
             replay()
             previous = state
-            sums = {k: sums[k] + v for k, v in zip(STAT_KEYS, outputs.tolist())}  # one device sync
+            sums = {k: sums[k] + v for k, v in zip(STAT_KEYS, outputs.tolist())}  # one sync; read before the next replay
         return sums
 
 
