@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -168,6 +168,12 @@ class Batch:
     def frames(self) -> int:
         return self.starts[-1] if self.valid is None else int(self.valid.sum())
 
+    def chunks(self, recurrence: int) -> Iterator[tuple[list[int], slice]]:
+        """The truncated-BPTT chunks of ``recurrence`` steps: (active episodes per step, rows)."""
+        for t0 in range(0, len(self.sizes), recurrence):
+            t1 = min(t0 + recurrence, len(self.sizes))
+            yield self.sizes[t0:t1], slice(self.starts[t0], self.starts[t1])
+
 
 class Padding(NamedTuple):
     """The fixed shapes of the chunks of a padded batch (CUDA graphs: :class:`ChunkGraphs`).
@@ -212,10 +218,10 @@ def make_batch(demos: Demos, episodes: np.ndarray, device: torch.device, steps: 
     order = np.argsort(-lengths, kind="stable")
     episodes, lengths = episodes[order], lengths[order]
     t = np.arange(max(lengths[0], steps))[:, None]
-    active = t < lengths[None, :]  # [T, B]; each row a prefix, since lengths are sorted
     width = vocab.MAX_THOUGHT_LEN
     valid = None
     if padding is None:
+        active = t < lengths[None, :]  # [T, B]; each row a prefix, since lengths are sorted
         idx = (demos.offsets[episodes][None, :] + t)[active]
         missions = demos.missions[episodes]
         missions = missions[:, : max(1, int((missions != vocab.PAD).sum(1).max()))]
@@ -324,10 +330,8 @@ def run_batch(
     """
     state = agent.initial_state(batch.sizes[0], batch.images.device)
     sums = dict.fromkeys(STAT_KEYS, 0.0)
-    for t0 in range(0, len(batch.sizes), cfg.recurrence):
-        t1 = min(t0 + cfg.recurrence, len(batch.sizes))
-        rows = slice(batch.starts[t0], batch.starts[t1])
-        terms, out = chunk_terms(agent, batch.images[rows], batch.sizes[t0:t1], batch.missions, state,
+    for sizes, rows in batch.chunks(cfg.recurrence):
+        terms, out = chunk_terms(agent, batch.images[rows], sizes, batch.missions, state,
                                  batch.actions[rows], batch.thoughts[rows],
                                  None if batch.valid is None else batch.valid[rows], true_thoughts, amp)  # fmt: skip
         if scale is not None:
@@ -426,10 +430,8 @@ class ChunkGraphs:
             return run_batch(self.agent, batch, self.cfg, true_thoughts, self.amp, self.scale)
         sums = dict.fromkeys(STAT_KEYS, 0.0)
         previous = None  # the state tensors of the previous chunk's graph
-        for t0 in range(0, len(batch.sizes), self.cfg.recurrence):
-            t1 = min(t0 + self.cfg.recurrence, len(batch.sizes))
-            part = slice(batch.starts[t0], batch.starts[t1])
-            key = (true_thoughts or self.agent.upper is None, t1 - t0)  # BC reads no thoughts
+        for sizes, part in batch.chunks(self.cfg.recurrence):
+            key = (true_thoughts or self.agent.upper is None, len(sizes))  # BC reads no thoughts
             chunk = {"images": batch.images[part], "actions": batch.actions[part], "thoughts": batch.thoughts[part],
                      "valid": batch.valid[part], "missions": batch.missions}  # fmt: skip
             if key not in self.graphs:
