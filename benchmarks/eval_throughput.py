@@ -11,6 +11,7 @@ reports ``<mode>_..._compiled_vs_eager`` (time ratio; > 1: compiled is faster).
 and reports ``<mode>_..._workers_vs_one`` (time ratio; > 1: the workers are faster).
 ``--cuda-graphs`` (CUDA) also times the agent's steps replayed from CUDA graphs
 (``evaluate.cuda_graphs``) and reports ``<mode>_..._graphs_vs_eager`` (> 1: the graphs are faster).
+With more than one of these three, they are also timed all at once: ``<mode>_..._together_vs_eager``.
 
 Every episode is capped at ``--max-steps`` so that both batch sizes do the same work
 (an untrained agent would otherwise wander to the level's limit). Without a checkpoint
@@ -74,6 +75,20 @@ def main() -> None:
         torch.manual_seed(0)
         agents = {mode: Agent(ModelConfig.from_dict({**cfg, "use_thoughts": mode != "bc"})).to(args.device)
                   for mode in args.modes}  # fmt: skip
+
+    def write(results: dict) -> None:
+        write_json_atomic(Path(args.out), {
+            "results": results,
+            "setup": {
+                "level": args.level, "episodes": args.episodes, "max_steps": args.max_steps, "repeats": args.repeats,
+                "checkpoint": args.checkpoint, "torch": torch.__version__, "threads": args.threads,
+                "device": args.device if args.device == "cpu" else f"cuda: {torch.cuda.get_device_name()}",
+                "compile": args.compile, "workers": args.workers, "cuda_graphs": args.cuda_graphs,
+                "cpus": os.cpu_count(), "machine": platform.machine(),
+                "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(),
+            },
+        })  # fmt: skip
+
     results = {}
     for mode, agent in agents.items():
         variants = {"": (agent, True, 1, False)}  # key suffix: (agent, fast, workers, CUDA graphs)
@@ -87,6 +102,8 @@ def main() -> None:
             variants["_workers"] = (agent, True, args.workers, False)
         if args.cuda_graphs:
             variants["_graphs"] = (agent, True, 1, True)
+        if sum(map(bool, (args.workers, "_compiled" in variants, args.cuda_graphs))) > 1:  # all of them at once
+            variants["_together"] = (variants.get("_compiled", (agent,))[0], True, args.workers or 1, args.cuda_graphs)
         for threads in args.threads:
             torch.set_num_threads(threads)
             for batch in args.batch_sizes:
@@ -116,21 +133,13 @@ def main() -> None:
                     results[f"{key}_workers_vs_one"] = base / results[f"{key}_workers"]["median_s"]
                 if "_graphs" in variants:  # > 1: the CUDA graphs are faster than eager steps
                     results[f"{key}_graphs_vs_eager"] = base / results[f"{key}_graphs"]["median_s"]
+                if "_together" in variants:  # > 1: the speed settings together are faster than none
+                    results[f"{key}_together_vs_eager"] = base / results[f"{key}_together"]["median_s"]
             first = results[f"{mode}_threads{threads}_batch{args.batch_sizes[0]}"]["episodes_per_s"]
             for batch in args.batch_sizes[1:]:
                 key = f"{mode}_threads{threads}_speedup_batch{batch}_vs_{args.batch_sizes[0]}"
                 results[key] = results[f"{mode}_threads{threads}_batch{batch}"]["episodes_per_s"] / first
-    write_json_atomic(Path(args.out), {
-        "results": results,
-        "setup": {
-            "level": args.level, "episodes": args.episodes, "max_steps": args.max_steps, "repeats": args.repeats,
-            "checkpoint": args.checkpoint, "torch": torch.__version__, "threads": args.threads,
-            "device": args.device if args.device == "cpu" else f"cuda: {torch.cuda.get_device_name()}",
-            "compile": args.compile, "workers": args.workers, "cuda_graphs": args.cuda_graphs,
-            "cpus": os.cpu_count(), "machine": platform.machine(),
-            "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(),
-        },
-    })  # fmt: skip
+        write(results)  # after every mode: a run stopped by a time limit keeps what it measured
     print(f"wrote {args.out}")
 
 

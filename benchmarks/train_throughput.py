@@ -19,7 +19,10 @@ update then includes the compilation). Top-level keys: ``ratio_vs_public`` (ours
 TC frames/s, each at its fastest setting; batch 180 on CUDA, 16 on CPU), ``amp_vs_fp32`` and
 ``compiled_vs_eager`` (ours TC, fastest of the other setting), ``graphs_vs_eager`` (ours TC with
 ``--cuda-graphs``: ``train.cuda_graphs``, padded batches replayed from CUDA graphs, against the
-fastest run without) and ``device``. Frames are real frames: a padded batch counts its valid rows.
+fastest run without; with ``--compile``, graphs are measured with each compile setting too) and
+``device``. Frames are real frames: a padded batch counts its valid rows. The file is rewritten
+after every measurement (``"complete": false`` until the grid is done), so that a run stopped by a
+time limit keeps what it measured.
 Targets: CPU >= 2x the public code at batch 16; CUDA >= 5x at batch 180.
 """
 
@@ -69,7 +72,10 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
     runner = ChunkGraphs(agent, cfg, scale, amp) if graphs else None
     padding = Padding.of(demos, cfg) if graphs else None
     seconds, frames, rows = [], [], []
-    for i in range(warmup + updates):
+    timed = list(range(warmup, warmup + updates))
+    # The first updates warm up allocators, kernels and compilation; with graphs, the timed batches
+    # also run once untimed, so that every chunk length they need is captured before timing.
+    for n, i in enumerate(list(range(warmup)) + (timed if graphs else []) + timed):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -77,7 +83,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
         train_update(agent, optimizer, batch, cfg, True, amp and dev.type == "cuda", scale, runner)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:  # the first updates warm up allocators, kernels and compilation
+        if n >= warmup + (updates if graphs else 0):
             seconds.append(time.perf_counter() - t)
             frames.append(batch.frames)
             rows.append(batch.starts[-1])
@@ -86,6 +92,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
     return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "amp": amp, "threads": threads,
             "compile": compile if compiled else None, "warmup_updates": warmup,
             "cuda_graphs": graphs and runner.problem is None, "cuda_graphs_problem": runner and runner.problem,
+            "graphs_captured": len(runner.graphs) if runner else 0,
             "parameters": count_parameters(agent),
             "frames_per_s": sum(frames) / sum(seconds), "update_s": seconds, "frames_per_update": frames,
             "rows_per_frame": sum(rows) / sum(frames),  # > 1: padded batches (CUDA graphs) compute more rows
@@ -109,7 +116,7 @@ def ratios(results: list[dict], device: str) -> dict:
 
     def best(impl: str, batch: int, **setting) -> float | None:
         rates = [r["frames_per_s"] for r in results if r["impl"] == impl and r["agent"] == "tc" and r["batch"] == batch
-                 and all(r.get(k) == v for k, v in setting.items())]
+                 and "error" not in r and all(r.get(k) == v for k, v in setting.items())]
         return max(rates) if rates else None
 
     def ratio(a: float | None, b: float | None) -> float | None:
@@ -161,7 +168,30 @@ def main() -> None:
     public = Path(args.public) if args.public else None
     if public is not None and not public.is_file():
         raise SystemExit(f"--public {public}: no such file (pass --public '' to measure ours alone)")
+    out = Path(args.out or ROOT / f"benchmarks/results/train_throughput_{args.device}.json")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     results = []
+
+    def write(manifest: dict, load_before: tuple, complete: bool) -> dict:
+        """The report so far, written after every measurement: a run stopped by a time limit keeps what it measured."""
+        report = {
+            "benchmark": "train_throughput",
+            "device": f"{args.device}: {device_name}, {os.cpu_count()} cores",
+            **ratios(results, args.device),
+            "complete": complete,  # false: stopped before the end of the grid
+            "torch": torch.__version__,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "note": "load average > cores means other processes shared the machine (contended timing; the ratio "
+                    "still compares runs taken one after the other under it)",
+            "data": {"ours": {"level": manifest["level"], "episodes": manifest["num_episodes"],
+                              "steps": manifest["num_steps"]},
+                     "public": "synthetic episodes of 87 steps (the mean BossLevel bot episode)"},
+            "results": results,
+        }  # fmt: skip
+        write_json_atomic(out, report)
+        return report
+
     with tempfile.TemporaryDirectory() as tmp:
         demos_dir = args.demos
         if demos_dir is None:
@@ -171,43 +201,34 @@ def main() -> None:
         load_before = os.getloadavg()
         for batch in batches:
             for amp in precisions:
-                runs = [("ours", agent_kind, threads, mode, "0") for agent_kind in args.agents.split(",")
+                runs = [("ours", agent_kind, threads, mode, graphs) for agent_kind in args.agents.split(",")
                         for threads in (args.threads.split(",") if args.device == "cpu" else ["0"])
-                        for mode in compiles]  # fmt: skip
-                runs += [("ours", a, "0", "none", "1") for a in args.agents.split(",") if args.cuda_graphs]
-                for impl, agent_kind, threads, mode, graphs in runs + ([("public", "tc", None, "none", "0")] if public else []):
-                    if impl == "public":
-                        results.append(run_public(public, args.device, batch, amp, args.updates, tmp))
+                        for mode in compiles for graphs in (["0", "1"] if args.cuda_graphs else ["0"])]  # fmt: skip
+                # the public code first: a run stopped by a time limit can still give ratio_vs_public
+                for impl, agent_kind, threads, mode, graphs in ([("public", "tc", None, "none", "0")] if public else []) + runs:
+                    setting = (f"{impl:6s} {agent_kind} batch {batch} {'amp ' if amp else 'fp32'}"
+                               f"{f' threads {threads}' if threads not in (None, '0') else ''}"
+                               f"{f' compile {mode}' if mode != 'none' else ''}{' cuda graphs' if graphs == '1' else ''}")
+                    try:
+                        if impl == "public":
+                            results.append(run_public(public, args.device, batch, amp, args.updates, tmp))
+                        else:
+                            cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
+                                   "--updates", str(args.updates), "--warmup", str(args.warmup),
+                                   "--one", agent_kind, str(batch), "1" if amp else "0", threads, mode, graphs]
+                            out_text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                            results.append(json.loads(out_text.strip().splitlines()[-1]))
+                    except subprocess.CalledProcessError as err:  # e.g. out of GPU memory: the other settings still run
+                        why = (err.stderr or "").strip().splitlines()[-1:] or [f"exit status {err.returncode}"]
+                        results.append({"impl": impl, "agent": agent_kind, "batch": batch, "amp": amp,
+                                        "compile": None if mode == "none" else mode, "cuda_graphs": graphs == "1",
+                                        "error": why[0]})  # fmt: skip
+                        print(f"{setting}: failed: {why[0]}", flush=True)
                     else:
-                        cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
-                               "--updates", str(args.updates), "--warmup", str(args.warmup),
-                               "--one", agent_kind, str(batch), "1" if amp else "0", threads, mode, graphs]
-                        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                        results.append(json.loads(out.strip().splitlines()[-1]))
-                    r = results[-1]
-                    print(f"{impl:6s} {agent_kind} batch {batch} {'amp ' if amp else 'fp32'}"
-                          f"{f' threads {threads}' if threads not in (None, '0') else ''}"
-                          f"{f' compile {mode}' if mode != 'none' else ''}{' cuda graphs' if graphs == '1' else ''}: "
-                          f"{r['frames_per_s']:.1f} frames/s, peak {r['peak_memory_gb']:.1f} GB",
-                          flush=True)
-        load_after = os.getloadavg()
-
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
-    report = {
-        "benchmark": "train_throughput",
-        "device": f"{args.device}: {device_name}, {os.cpu_count()} cores",
-        **ratios(results, args.device),
-        "torch": torch.__version__,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "note": "load average > cores means other processes shared the machine (contended timing; the ratio "
-                "still compares runs taken one after the other under it)",
-        "data": {"ours": {"level": manifest["level"], "episodes": manifest["num_episodes"], "steps": manifest["num_steps"]},
-                 "public": "synthetic episodes of 87 steps (the mean BossLevel bot episode)"},
-        "results": results,
-    }
-    out = Path(args.out or ROOT / f"benchmarks/results/train_throughput_{args.device}.json")
-    write_json_atomic(out, report)
+                        r = results[-1]
+                        print(f"{setting}: {r['frames_per_s']:.1f} frames/s, peak {r['peak_memory_gb']:.1f} GB", flush=True)
+                    write(manifest, load_before, complete=False)
+        report = write(manifest, load_before, complete=True)
     print(f"ratio_vs_public {report['ratio_vs_public']}, amp_vs_fp32 {report['amp_vs_fp32']}, "
           f"compiled_vs_eager {report['compiled_vs_eager']}, graphs_vs_eager {report['graphs_vs_eager']}; wrote {out}")
 

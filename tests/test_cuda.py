@@ -66,14 +66,18 @@ def test_cuda_compiled_steps_equal_eager(demos, mode, amp):
     assert torch.nn.functional.cosine_similarity(flat(grads), flat(eager_grads), dim=0) > (0.99 if amp else 0.9999)
 
 
-@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
-@pytest.mark.parametrize("use_thoughts", [True, False], ids=["tc", "bc"])
-def test_cuda_graphed_chunks_equal_eager(demos, use_thoughts, amp):
-    """ChunkGraphs (train.cuda_graphs) captures and replays; three updates, both teacher-forcing modes."""
+@pytest.mark.parametrize("use_thoughts, amp, compile", [(True, False, None), (True, True, None), (False, False, None),
+                                                      (False, True, None), (True, False, "default")],
+                         ids=["tc-fp32", "tc-amp", "bc-fp32", "bc-amp", "tc-fp32-compiled"])  # fmt: skip
+def test_cuda_graphed_chunks_equal_eager(demos, use_thoughts, amp, compile):
+    """ChunkGraphs (train.cuda_graphs) captures and replays; three updates, both teacher-forcing modes;
+    compiled: the graphs record the compiled steps' kernels (train.compile with train.cuda_graphs)."""
     def updates(graphs: bool):
         torch.manual_seed(0)
         model = ModelConfig(**{**MODEL.to_dict(), "use_thoughts": use_thoughts})
         agent = Agent(model).cuda().train()
+        if graphs and compile is not None:
+            assert compile_or_warn(agent, compile, "train.compile")
         cfg = TrainConfig(batch_size=6, recurrence=4, device="cuda", amp=amp)
         optimizer = torch.optim.SGD(agent.parameters(), lr=0.1)
         scale = loss_scale(demos, cfg)
@@ -99,14 +103,21 @@ def test_cuda_graphed_chunks_equal_eager(demos, use_thoughts, amp):
         assert torch.nn.functional.cosine_similarity(g_grads, grads, dim=0) > (0.99 if amp else 0.9999)
 
 
-@pytest.mark.parametrize("mode", ["tc", "oracle", "bc"])
-def test_cuda_graphed_steps_act_as_eager(mode):
-    """evaluate.cuda_graphs (ActGraphs) captures and replays the agent's steps: the same rollouts."""
+@pytest.mark.parametrize("mode, compile", [("tc", None), ("oracle", None), ("bc", None), ("tc", "default")],
+                         ids=["tc", "oracle", "bc", "tc-compiled"])  # fmt: skip
+def test_cuda_graphed_steps_act_as_eager(mode, compile):
+    """evaluate.cuda_graphs (ActGraphs) captures and replays the agent's steps (compiled: their compiled
+    kernels): the same rollouts."""
+    import copy
+
     from tc.evaluate import evaluate
 
     torch.manual_seed(0)
     agent = Agent(ModelConfig(**{**MODEL.to_dict(), "use_thoughts": mode != "bc"})).cuda()
-    run = lambda graphs: evaluate(agent, "BabyAI-GoToLocal-v0", list(range(7)), mode, batch_size=4, argmax=True,  # noqa: E731
-                                  max_steps=12, progress=False, cuda_graphs=graphs)
-    eager, graphed = run(False), run(True)
+    graphed_agent = copy.deepcopy(agent)
+    if compile is not None:
+        assert compile_or_warn(graphed_agent, compile, "evaluate.compile")
+    run = lambda a, graphs: evaluate(a, "BabyAI-GoToLocal-v0", list(range(7)), mode, batch_size=4, argmax=True,  # noqa: E731
+                                     max_steps=12, progress=False, cuda_graphs=graphs)
+    eager, graphed = run(agent, False), run(graphed_agent, True)
     assert [(e.actions, e.thoughts, e.success) for e in graphed] == [(e.actions, e.thoughts, e.success) for e in eager]

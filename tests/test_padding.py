@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tc import vocab
 from tc.evaluate import ActGraphs
-from tc.model import Agent, BatchNorm2d, ModelConfig, commit_batchnorm
+from tc.model import Agent, BatchNorm2d, ModelConfig, commit_batchnorm, compile_or_warn
 from tc.train import ChunkGraphs, Padding, TrainConfig, loss_scale, make_batch, run_batch, train, train_update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,10 +96,13 @@ def test_fixed_word_encoding_equals_packed_one():
         torch.testing.assert_close(fixed_words, words, rtol=1e-5, atol=1e-6)
 
 
-def graph_updates(demos, use_thoughts: bool, graphs: bool):
-    """Two updates (teacher-forced, then free-running for TC) through ``train_update``, with or without ChunkGraphs."""
+def graph_updates(demos, use_thoughts: bool, graphs: bool, compiled: bool = False):
+    """Two updates (teacher-forced, then free-running for TC) through ``train_update``, with or without
+    ChunkGraphs, with or without the compiled steps."""
     torch.manual_seed(0)
     agent = Agent(ModelConfig(**MODEL, use_thoughts=use_thoughts)).train()
+    if compiled:
+        assert compile_or_warn(agent, "default", "train.compile")
     cfg = TrainConfig(batch_size=6, recurrence=4, device="cpu")
     optimizer = torch.optim.SGD(agent.parameters(), lr=0.1)  # Adam would blow up the rounding noise of zero gradients
     scale = loss_scale(demos, cfg)
@@ -115,13 +118,15 @@ def graph_updates(demos, use_thoughts: bool, graphs: bool):
     return results, agent.state_dict()
 
 
-@pytest.mark.parametrize("use_thoughts", [True, False], ids=["tc", "bc"])
-def test_chunk_graphs_train_as_eager(demos, use_thoughts):
+@pytest.mark.parametrize("use_thoughts, compiled", [(True, False), (False, False), (True, True)],
+                         ids=["tc", "bc", "tc_compiled"])  # fmt: skip
+def test_chunk_graphs_train_as_eager(demos, use_thoughts, compiled):
     # On the CPU, ChunkGraphs runs each "replay" eagerly: everything but the CUDA capture is checked here
     # (static inputs refilled, state carried between chunks and reset between batches, gradients and
-    # BatchNorm sums accumulated); tests/test_cuda.py checks the capture.
+    # BatchNorm sums accumulated); tests/test_cuda.py checks the capture. Compiled (train.compile with
+    # train.cuda_graphs): the compiled functions are what a graph records, compiled in its warm-up runs.
     eager, eager_weights = graph_updates(demos, use_thoughts, graphs=False)
-    graphed, graphed_weights = graph_updates(demos, use_thoughts, graphs=True)
+    graphed, graphed_weights = graph_updates(demos, use_thoughts, graphs=True, compiled=compiled)
     for (sums, grads), (g_sums, g_grads) in zip(eager, graphed):
         assert g_sums == pytest.approx(sums, rel=1e-5, abs=1e-5)
         for name in grads:
