@@ -12,12 +12,13 @@ own process (so peak memory is its own), one after the other on the same machine
 - the public TC code (``--public``, by default ../shared/baselines/public_tc/bench_public.py):
   its own training step on synthetic episodes of the mean BossLevel length (87 steps).
 
-Grid: batch 16 on CPU; batch 16 and 180 on CUDA, each in fp32 and with autocast (ours:
-``train.amp``'s bfloat16; the public code: its fp16 GradScaler default); ours eager and, with
+Grid: batch 16 on CPU; batch 16 and 180 on CUDA, each in fp32, with TF32 matmuls (ours only:
+``train.tf32``) and with autocast (ours: ``train.amp``'s bfloat16; the public code: its fp16
+GradScaler default), or the ``--precisions`` given; ours eager and, with
 ``--compile`` (default on CUDA), with its steps compiled (``train.compile``; the warm-up
 update then includes the compilation). Top-level keys: ``ratio_vs_public`` (ours TC / public
-TC frames/s, each at its fastest setting; batch 180 on CUDA, 16 on CPU), ``amp_vs_fp32`` and
-``compiled_vs_eager`` (ours TC, fastest of the other setting), ``graphs_vs_eager`` (ours TC with
+TC frames/s, each at its fastest setting; batch 180 on CUDA, 16 on CPU), ``amp_vs_fp32``,
+``tf32_vs_fp32`` and ``compiled_vs_eager`` (ours TC, fastest of the other setting), ``graphs_vs_eager`` (ours TC with
 ``--cuda-graphs``: ``train.cuda_graphs``, padded batches replayed from CUDA graphs, against the
 fastest run without; with ``--compile``, graphs are measured with each compile setting too) and
 ``device``. Frames are real frames: a padded batch counts its valid rows. The file is rewritten
@@ -51,17 +52,21 @@ from tc.train import ChunkGraphs, Padding, TrainConfig, epoch_batches, loss_scal
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ROOT.parent / "shared/baselines/public_tc/bench_public.py"
 PAPER_MODEL = {"image_dim": 128, "memory_dim": 2048, "instr_dim": 256}
+PRECISIONS = ("fp32", "tf32", "amp")  # fp32; TensorFloat-32 matmuls (train.tf32); autocast (train.amp)
 
 
-def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: int, demos_dir: str, updates: int,
+def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, threads: int, demos_dir: str, updates: int,
              compile: str | None = None, warmup: int = 1, graphs: bool = False) -> dict:
     """Time ``updates`` training updates of our agent in this process; returns the measurement."""
     dev = torch.device(device)
     if threads > 0:
         torch.set_num_threads(threads)
+    amp = precision == "amp"
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"  # what tc.train.train does for train.tf32
     model_cfg = ModelConfig(**PAPER_MODEL, use_thoughts=agent_kind == "tc")
     demos = load_demos(demos_dir)
-    cfg = TrainConfig(batch_size=batch_size, recurrence=80, device=device, amp=amp,
+    cfg = TrainConfig(batch_size=batch_size, recurrence=80, device=device, amp=amp, tf32=precision == "tf32",
                       episodes_per_epoch=demos.num_episodes, cuda_graphs=graphs)
     batches = epoch_batches(demos.offsets[1:] - demos.offsets[:-1], cfg, 0)
     torch.manual_seed(0)
@@ -89,7 +94,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
             rows.append(batch.starts[-1])
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
-    return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "amp": amp, "threads": threads,
+    return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "precision": precision, "threads": threads,
             "compile": compile if compiled else None, "warmup_updates": warmup,
             "cuda_graphs": graphs and runner.problem is None, "cuda_graphs_problem": runner and runner.problem,
             "graphs_captured": len(runner.graphs) if runner else 0,
@@ -100,19 +105,22 @@ def run_ours(agent_kind: str, device: str, batch_size: int, amp: bool, threads: 
             "model": asdict(model_cfg)}
 
 
-def run_public(public: Path, device: str, batch_size: int, amp: bool, updates: int, tmp: str) -> dict:
-    out = Path(tmp) / f"public_{batch_size}_{amp}.json"
+def run_public(public: Path, device: str, batch_size: int, precision: str, updates: int, tmp: str) -> dict:
+    """The public code's training step; ``precision`` amp: its fp16 autocast with a GradScaler."""
+    amp = precision == "amp"
+    out = Path(tmp) / f"public_{batch_size}_{precision}.json"
     cmd = [sys.executable, str(public), "--device", device, "--batch", str(batch_size), "--updates", str(updates),
            "--json", str(out)] + ([] if amp else ["--no-amp"])
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=public.parent)
     res = json.loads(out.read_text())
     res["public_impl"] = res.pop("impl", None)  # our "impl" key names the side of the comparison
-    return {**res, "impl": "public", "agent": "tc", "batch": batch_size, "amp": amp,
+    return {**res, "impl": "public", "agent": "tc", "batch": batch_size, "precision": precision,
             "peak_memory_gb": res["peak_memory_mib"] * 2**20 / 1e9}
 
 
 def ratios(results: list[dict], device: str) -> dict:
-    """``ratio_vs_public`` and ``amp_vs_fp32`` of TC at the device's key batch (each side at its fastest setting)."""
+    """``ratio_vs_public``, ``amp_vs_fp32``, ``tf32_vs_fp32``... of TC at the device's key batch (each side at its
+    fastest setting)."""
 
     def best(impl: str, batch: int, **setting) -> float | None:
         rates = [r["frames_per_s"] for r in results if r["impl"] == impl and r["agent"] == "tc" and r["batch"] == batch
@@ -126,7 +134,8 @@ def ratios(results: list[dict], device: str) -> dict:
     eager = best("ours", batch, compile=None, cuda_graphs=False)
     compiled = max(filter(None, (best("ours", batch, compile=m, cuda_graphs=False) for m in COMPILE_MODES)), default=None)
     return {"ratio_vs_public": ratio(best("ours", batch), best("public", batch)),
-            "amp_vs_fp32": ratio(best("ours", batch, amp=True), best("ours", batch, amp=False)),
+            "amp_vs_fp32": ratio(best("ours", batch, precision="amp"), best("ours", batch, precision="fp32")),
+            "tf32_vs_fp32": ratio(best("ours", batch, precision="tf32"), best("ours", batch, precision="fp32")),
             "compiled_vs_eager": ratio(compiled, eager),
             "graphs_vs_eager": ratio(best("ours", batch, cuda_graphs=True), best("ours", batch, cuda_graphs=False)),
             "ratio_batch": batch}
@@ -146,20 +155,24 @@ def main() -> None:
     ap.add_argument("--public", default=str(PUBLIC), help="the public code's bench_public.py ('' to skip it)")
     ap.add_argument("--compile", help="comma-separated: none and/or torch.compile modes of ours "
                     f"({', '.join(COMPILE_MODES)}); default: none on cpu (no gain, measured), none,default on cuda")
+    ap.add_argument("--precisions", help=f"comma-separated: {', '.join(PRECISIONS)} (amp: ours bfloat16 autocast, the "
+                    "public code fp16 autocast); default: fp32 on cpu, all on cuda")
     ap.add_argument("--cuda-graphs", action="store_true", help="also measure ours with train.cuda_graphs (CUDA only)")
     ap.add_argument("--out", help="default: benchmarks/results/train_throughput_<device>.json")
-    ap.add_argument("--one", nargs=6, metavar=("AGENT", "BATCH", "AMP", "THREADS", "COMPILE", "GRAPHS"),
+    ap.add_argument("--one", nargs=6, metavar=("AGENT", "BATCH", "PRECISION", "THREADS", "COMPILE", "GRAPHS"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:  # child process: one measurement of ours, printed as JSON
-        agent_kind, batch, amp, threads, mode, graphs = args.one
-        print(json.dumps(run_ours(agent_kind, args.device, int(batch), amp == "1", int(threads), args.demos,
+        agent_kind, batch, precision, threads, mode, graphs = args.one
+        print(json.dumps(run_ours(agent_kind, args.device, int(batch), precision, int(threads), args.demos,
                                   args.updates, None if mode == "none" else mode, args.warmup, graphs == "1")))
         return
 
     batches = [int(b) for b in (args.batches or ("16" if args.device == "cpu" else "16,180")).split(",")]
-    precisions = [False] if args.device == "cpu" else [False, True]
+    precisions = (args.precisions or ("fp32" if args.device == "cpu" else "fp32,tf32,amp")).split(",")
+    if set(precisions) - set(PRECISIONS) or (args.device == "cpu" and precisions != ["fp32"]):
+        raise SystemExit(f"--precisions {args.precisions}: expected some of {', '.join(PRECISIONS)} (CUDA), fp32 (cpu)")
     compiles = (args.compile or ("none" if args.device == "cpu" else "none,default")).split(",")
     if set(compiles) - {"none", *COMPILE_MODES}:
         raise SystemExit(f"--compile {args.compile}: expected none or one of {', '.join(COMPILE_MODES)}")
@@ -200,27 +213,29 @@ def main() -> None:
         manifest = load_demos(demos_dir).manifest
         load_before = os.getloadavg()
         for batch in batches:
-            for amp in precisions:
+            for precision in precisions:
                 runs = [("ours", agent_kind, threads, mode, graphs) for agent_kind in args.agents.split(",")
                         for threads in (args.threads.split(",") if args.device == "cpu" else ["0"])
                         for mode in compiles for graphs in (["0", "1"] if args.cuda_graphs else ["0"])]  # fmt: skip
                 # the public code first: a run stopped by a time limit can still give ratio_vs_public
-                for impl, agent_kind, threads, mode, graphs in ([("public", "tc", None, "none", "0")] if public else []) + runs:
-                    setting = (f"{impl:6s} {agent_kind} batch {batch} {'amp ' if amp else 'fp32'}"
+                # (the public code has no TF32 setting: it is timed in fp32 and with its autocast)
+                timed_public = public is not None and precision != "tf32"
+                for impl, agent_kind, threads, mode, graphs in ([("public", "tc", None, "none", "0")] if timed_public else []) + runs:
+                    setting = (f"{impl:6s} {agent_kind} batch {batch} {precision}"
                                f"{f' threads {threads}' if threads not in (None, '0') else ''}"
                                f"{f' compile {mode}' if mode != 'none' else ''}{' cuda graphs' if graphs == '1' else ''}")
                     try:
                         if impl == "public":
-                            results.append(run_public(public, args.device, batch, amp, args.updates, tmp))
+                            results.append(run_public(public, args.device, batch, precision, args.updates, tmp))
                         else:
                             cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
                                    "--updates", str(args.updates), "--warmup", str(args.warmup),
-                                   "--one", agent_kind, str(batch), "1" if amp else "0", threads, mode, graphs]
+                                   "--one", agent_kind, str(batch), precision, threads, mode, graphs]
                             out_text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                             results.append(json.loads(out_text.strip().splitlines()[-1]))
                     except subprocess.CalledProcessError as err:  # e.g. out of GPU memory: the other settings still run
                         why = (err.stderr or "").strip().splitlines()[-1:] or [f"exit status {err.returncode}"]
-                        results.append({"impl": impl, "agent": agent_kind, "batch": batch, "amp": amp,
+                        results.append({"impl": impl, "agent": agent_kind, "batch": batch, "precision": precision,
                                         "compile": None if mode == "none" else mode, "cuda_graphs": graphs == "1",
                                         "error": why[0]})  # fmt: skip
                         print(f"{setting}: failed: {why[0]}", flush=True)
@@ -230,6 +245,7 @@ def main() -> None:
                     write(manifest, load_before, complete=False)
         report = write(manifest, load_before, complete=True)
     print(f"ratio_vs_public {report['ratio_vs_public']}, amp_vs_fp32 {report['amp_vs_fp32']}, "
+          f"tf32_vs_fp32 {report['tf32_vs_fp32']}, "
           f"compiled_vs_eager {report['compiled_vs_eager']}, graphs_vs_eager {report['graphs_vs_eager']}; wrote {out}")
 
 

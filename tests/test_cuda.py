@@ -1,6 +1,7 @@
-"""The CUDA code path (fp32, bfloat16 autocast, torch.compile'd steps) against the CPU eager result;
-skipped without CUDA."""
+"""The CUDA code path (fp32, TF32, bfloat16 autocast, torch.compile'd steps, CUDA graphs) against the eager
+CPU or CUDA result; skipped without CUDA."""
 
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -51,6 +52,20 @@ def test_cuda_autocast_is_close_to_fp32(demos):
     flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
     cosine = torch.nn.functional.cosine_similarity(flat(amp_grads), flat(fp32_grads), dim=0)
     assert cosine > 0.99, cosine
+
+
+def test_cuda_tf32_training_is_close_to_fp32(tmp_path, demos):
+    """train.tf32: TensorFloat-32 matmuls in a real training run, close to fp32; and set back for the next run."""
+    from tc.train import train
+
+    cfg = TrainConfig(epochs=1, episodes_per_epoch=6, batch_size=3, recurrence=4, warmup_epochs=0, lr_halve_epoch=None,
+                      val_episodes=0, device="cuda")
+    losses = {}
+    for tf32 in (True, False):
+        run = train(MODEL, replace(cfg, tf32=tf32), demos, demos, tmp_path / str(tf32), progress=False)
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32
+        losses[tf32] = run["history"][-1]["train_loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=0.01)
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
