@@ -21,6 +21,6 @@ repro: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 # pytest exits 5 when it collects no test: CI (.ci/run) fails then, as on any failure.
-# One file per worker at a time (module fixtures are built once), larger files first.
+# One file per worker at a time (module fixtures are built once), files with more tests first.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
