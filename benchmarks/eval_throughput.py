@@ -103,7 +103,8 @@ def main() -> None:
         if args.cuda_graphs:
             variants["_graphs"] = (agent, True, 1, True)
         if sum(map(bool, (args.workers, "_compiled" in variants, args.cuda_graphs))) > 1:  # all of them at once
-            variants["_together"] = (variants.get("_compiled", (agent,))[0], True, args.workers or 1, args.cuda_graphs)
+            fastest = variants["_compiled"][0] if "_compiled" in variants else agent
+            variants["_together"] = (fastest, True, args.workers or 1, args.cuda_graphs)
         for threads in args.threads:
             torch.set_num_threads(threads)
             for batch in args.batch_sizes:
