@@ -47,7 +47,7 @@ from tc.demos import generate_demos, load_demos
 from tc.io import write_json_atomic
 from tc.kernels import COMPILE_MODES
 from tc.model import Agent, ModelConfig, compile_or_warn, count_parameters
-from tc.train import ChunkGraphs, Padding, TrainConfig, epoch_batches, loss_scale, make_batch, train_update
+from tc.train import ChunkGraphs, Padding, TrainConfig, epoch_batches, loss_scale, make_batch, train_update, use_tf32
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ROOT.parent / "shared/baselines/public_tc/bench_public.py"
@@ -62,12 +62,11 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
     if threads > 0:
         torch.set_num_threads(threads)
     amp = precision == "amp"
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"  # what tc.train.train does for train.tf32
     model_cfg = ModelConfig(**PAPER_MODEL, use_thoughts=agent_kind == "tc")
     demos = load_demos(demos_dir)
     cfg = TrainConfig(batch_size=batch_size, recurrence=80, device=device, amp=amp, tf32=precision == "tf32",
                       episodes_per_epoch=demos.num_episodes, cuda_graphs=graphs)
+    use_tf32(cfg, dev)
     batches = epoch_batches(demos.offsets[1:] - demos.offsets[:-1], cfg, 0)
     torch.manual_seed(0)
     agent = Agent(model_cfg).to(dev).train()
@@ -80,7 +79,8 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
     timed = list(range(warmup, warmup + updates))
     # The first updates warm up allocators, kernels and compilation; with graphs, the timed batches
     # also run once untimed, so that every chunk length they need is captured before timing.
-    for n, i in enumerate(list(range(warmup)) + (timed if graphs else []) + timed):
+    schedule = list(range(warmup)) + (timed if graphs else []) + timed
+    for n, i in enumerate(schedule):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -88,7 +88,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
         train_update(agent, optimizer, batch, cfg, True, amp and dev.type == "cuda", scale, runner)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        if n >= warmup + (updates if graphs else 0):
+        if n >= len(schedule) - updates:
             seconds.append(time.perf_counter() - t)
             frames.append(batch.frames)
             rows.append(batch.starts[-1])

@@ -79,8 +79,8 @@ class TrainConfig:
     device: str = param("auto", choices=("auto", "cpu", "cuda"), speed=True)
     threads: int = param(1, ge=0, speed=True)  # torch intra-op threads on CPU (0: torch's default); see params.yaml
     amp: bool = param(False)  # bfloat16 autocast, on CUDA only (measured slower than fp32 on an H100)
-    # TensorFloat-32 matmuls on CUDA (fp32 storage, 10-bit-mantissa products; cuDNN's convolutions
-    # use it by default); ignored on the CPU.
+    # TensorFloat-32 matmuls on CUDA (fp32 storage, inputs rounded to a 10-bit mantissa, fp32
+    # accumulation; cuDNN's convolutions use it by default); ignored on the CPU (use_tf32).
     tf32: bool = param(False)
     # torch.compile of the step loop's work between matmuls (Agent.compile_steps); same maths up to
     # float rounding, like the device, so a speed setting.
@@ -568,6 +568,13 @@ def check_resume(path: Path, ts: dict, cfg: TrainConfig, demos: Demos) -> None:
 # ----------------------------------------------------------------------------- training loop
 
 
+def use_tf32(cfg: TrainConfig, device: torch.device) -> None:
+    """``train.tf32`` for training on ``device``: process-wide, like the thread count, and set either
+    way, so that runs in one process do not leak into each other."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+
+
 def train(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -602,9 +609,7 @@ def train(
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # the rank's GPU, set by the caller
     amp = cfg.amp and device.type == "cuda"
-    if device.type == "cuda":
-        # Process-wide, like the thread count; set either way, so that runs in one process do not leak into each other.
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    use_tf32(cfg, device)
     if train_demos.num_episodes == 0:
         raise ValueError("the training dataset has no episodes")
 
