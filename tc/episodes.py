@@ -174,9 +174,9 @@ class EpisodeSlot:
 class EnvGroup:
     """``size`` slots stepped together: in this process (``workers`` <= 1), or slot j in worker j % workers.
 
-    ``reset(seeds)`` starts one episode per seed in slots 0..; ``step({slot: (action,
+    ``reset({slot: seed})`` starts an episode in each of those slots; ``step({slot: (action,
     thought)})`` applies the actions (the slots left out are halted, stepped no more);
-    ``rollouts(n)`` collects the records of slots 0..n-1. Worker processes run until
+    ``rollouts(slots)`` collects the records of their episodes. Worker processes run until
     :meth:`close` (use the group as a context manager).
     """
 
@@ -229,9 +229,8 @@ class EnvGroup:
             answers.update(zip(mine, payload))
         return answers
 
-    def reset(self, seeds: list[int]) -> list[tuple[str, View]]:
-        answers = self._ask({j: ("reset", int(s)) for j, s in enumerate(seeds)})
-        return [answers[j] for j in range(len(seeds))]
+    def reset(self, seeds: dict[int, int]) -> dict[int, tuple[str, View]]:
+        return self._ask({j: ("reset", int(s)) for j, s in seeds.items()})
 
     def step(self, moves: dict[int, tuple[int, str | None]]) -> dict[int, View]:
         return self._ask({j: ("step", int(a), t) for j, (a, t) in moves.items()})
@@ -240,9 +239,8 @@ class EnvGroup:
         """End the episode of ``slot`` before its next action (an intervention)."""
         self._ask({slot: ("halt",)})
 
-    def rollouts(self, n: int) -> list[Rollout]:
-        answers = self._ask({j: ("rollout",) for j in range(n)})
-        return [answers[j] for j in range(n)]
+    def rollouts(self, slots: list[int]) -> dict[int, Rollout]:
+        return self._ask({j: ("rollout",) for j in slots})
 
     def close(self) -> None:
         """Stop the workers. Terminated, not asked: they hold nothing to save, a Python exit takes

@@ -45,14 +45,19 @@ def test_interactions_name_the_requested_object():
 
 
 def test_evaluation_is_deterministic_and_independent_of_batching():
-    agent, seeds = tiny_agent(), [5, 6, 7]
-    runs = [evaluate(agent, BOSS, seeds, "tc", batch_size=b, max_steps=12, sample_seed=3, progress=False) for b in (3, 3, 1)]
+    agent, seeds = tiny_agent(), [5, 6, 7, 8, 9]
+    # Episode i is halted before its step 3 + 2i: the episodes end at different steps, and with 2
+    # rows each freed row starts the next seed while the other is halfway through its episode.
+    halt = lambda i, step, *_: step == 3 + 2 * i  # noqa: E731
+    runs = [evaluate(agent, BOSS, seeds, "tc", batch_size=b, max_steps=12, sample_seed=3, progress=False,
+                     on_step=halt) for b in (2, 2, 5, 1)]  # fmt: skip
+    assert [e.length for e in runs[0]] == [3, 5, 7, 9, 11] and all(e.halted for e in runs[0])
     for eps in runs[1:]:
         assert [e.actions for e in eps] == [e.actions for e in runs[0]]
         assert [e.thoughts for e in eps] == [e.thoughts for e in runs[0]]
-    other = evaluate(agent, BOSS, seeds, "tc", batch_size=3, max_steps=12, sample_seed=4, progress=False)
-    assert [e.actions for e in other] != [e.actions for e in runs[0]]
-    assert all(e.length == 12 and not e.success for e in runs[0])
+    other = evaluate(agent, BOSS, seeds, "tc", batch_size=2, max_steps=12, sample_seed=4, progress=False)
+    assert [e.actions[:3] for e in other] != [e.actions[:3] for e in runs[0]]
+    assert all(e.length == 12 and not e.success for e in other)
 
 
 def test_oracle_mode_acts_on_the_thoughts_of_a_bot_following_the_agent():
@@ -159,7 +164,7 @@ def test_fast_evaluation_equals_minigrids_own(mode):
 
 @pytest.mark.parametrize("mode", ["oracle", "bc", "bot"])
 def test_environments_in_worker_processes_change_nothing(mode):
-    # 2 workers over 3 slots (2 + 1) and two chunks, the second smaller: every path of EnvGroup.
+    # 2 workers over 3 slots (2 + 1), 5 seeds: slots start new episodes as theirs end, in both workers.
     agent = None if mode == "bot" else tiny_agent(use_thoughts=mode != "bc")
     seeds = [18, 40, 41, 42, 43]  # BossLevel 18: the oracle's bot gives up and re-plans
     runs = [evaluate(agent, BOSS, seeds, mode, batch_size=3, max_steps=40, progress=False, workers=w) for w in (1, 2)]
