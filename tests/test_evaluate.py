@@ -49,8 +49,18 @@ def test_evaluation_is_deterministic_and_independent_of_batching():
     # Episode i is halted before its step 3 + 2i: the episodes end at different steps, and with 2
     # rows each freed row starts the next seed while the other is halfway through its episode.
     halt = lambda i, step, *_: step == 3 + 2 * i  # noqa: E731
-    runs = [evaluate(agent, BOSS, seeds, "tc", batch_size=b, max_steps=12, sample_seed=3, progress=False,
-                     on_step=halt) for b in (2, 2, 5, 1)]  # fmt: skip
+    passes, act = [], agent.act
+    agent.act = lambda *args, **kwargs: passes.append(args[0].shape[0]) or act(*args, **kwargs)
+    runs = []
+    for b in (2, 2, 5, 1):
+        passes.clear()
+        runs.append(evaluate(agent, BOSS, seeds, "tc", batch_size=b, max_steps=12, sample_seed=3, progress=False,
+                             on_step=halt))  # fmt: skip
+        # Episode i takes 4 + 2i passes (the last one halted). Batch 2: episodes 0 and 1 at once,
+        # 2 from pass 5 (after 0's 4), 3 from pass 7, 4 from pass 13 to 24 (in groups of 2 seeds,
+        # each running to its longest episode, it would be 6 + 10 + 12 passes)
+        assert len(passes) == {2: 24, 5: 12, 1: 40}[b] and max(passes) == min(b, 5)
+    del agent.act
     assert [e.length for e in runs[0]] == [3, 5, 7, 9, 11] and all(e.halted for e in runs[0])
     for eps in runs[1:]:
         assert [e.actions for e in eps] == [e.actions for e in runs[0]]
