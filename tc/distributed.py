@@ -55,34 +55,24 @@ def init_from_env(device: torch.device, timeout_min: float = 120) -> torch.devic
     return device
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks, differentiable: each rank's loss depends on every rank's input, so the
-    gradient of an input is the sum over ranks of the output's gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
 
 
 class SyncBatchNorm2d(BatchNorm2d):
     """The agent's BatchNorm2d with the statistics of the rows of all ranks together.
 
     ``torch.nn.SyncBatchNorm`` runs on GPUs only; this one also runs on gloo / CPU. The
-    per-channel sums and counts are all-reduced (differentiably), so every rank normalises
-    and accumulates running statistics as one process with the whole batch would. Every
-    rank must call it equally often, in the same order (hence the empty steps of tc.train).
+    per-channel sums and counts are all-reduced, and in the backward pass so are the sums
+    that carry the statistics' gradient (each rank's loss depends on every rank's rows), so
+    every rank normalises, accumulates running statistics and back-propagates as one
+    process with the whole batch would. Every rank must call it equally often, in the same
+    order (hence the empty steps of tc.train).
     """
 
-    def reduce(self, sums: torch.Tensor) -> torch.Tensor:
-        return _AllReduceSum.apply(sums)
+    all_reduce = staticmethod(_all_reduce_sum)
 
 
 def sync_batchnorm(module: nn.Module) -> nn.Module:

@@ -32,14 +32,14 @@ def per_step(sizes: list[int], *tensors: Tensor | None) -> zip:
 
 
 class GradTape:
-    """Sums the gradient of a weight used at every step of a recurrence in one matmul.
+    """Sums the gradient of a weight (and bias) used at every step of a recurrence in one matmul.
 
     Autograd would build and add a full [out, in] gradient matrix at every step: for a
     2048-wide LSTM that is ~200 MB of memory traffic per step, which dominates CPU training
     time. The tape keeps each step's (input, output gradient) instead; the last of the
-    steps' backward calls (``pending`` reaches 0) returns the whole sum. Every taped step
-    must reach the loss, or the weight would get no gradient. One tape per weight and
-    forward pass.
+    steps' backward calls (``pending`` reaches 0) returns the whole sum, and the bias's (the
+    output gradients' sum: one reduction, not one per step). Every taped step must reach
+    the loss, or the weight would get no gradient. One tape per weight and forward pass.
     """
 
     def __init__(self):
@@ -49,14 +49,14 @@ class GradTape:
 
 
 class _TapedMatmul(torch.autograd.Function):
-    # Under autocast the forward's mm runs in the autocast dtype; the backward works in that
+    # Under autocast the forward's matmul runs in the autocast dtype; the backward works in that
     # dtype explicitly (it does not rely on autocast being on there, which differs by device)
-    # and hands autograd gradients in the dtypes of x and weight.
+    # and hands autograd gradients in the dtypes of x, weight and bias.
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, tape: GradTape) -> Tensor:
-        out = x.mm(weight.t())
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tape: GradTape) -> Tensor:
+        out = x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())  # bias added in the matmul
         ctx.save_for_backward(x.to(out.dtype), weight)
-        ctx.x_dtype, ctx.tape = x.dtype, tape
+        ctx.x_dtype, ctx.bias_dtype, ctx.tape = x.dtype, None if bias is None else bias.dtype, tape
         tape.pending += 1
         return out
 
@@ -67,12 +67,15 @@ class _TapedMatmul(torch.autograd.Function):
         tape.inputs.append(x)
         tape.grads.append(grad)
         tape.pending -= 1
-        grad_weight = None
+        grad_weight = grad_bias = None
         if tape.pending == 0:
-            grad_weight = torch.cat(tape.grads).t().mm(torch.cat(tape.inputs)).to(weight.dtype)
+            grads = torch.cat(tape.grads)
+            grad_weight = grads.t().mm(torch.cat(tape.inputs)).to(weight.dtype)
+            if ctx.bias_dtype is not None:
+                grad_bias = grads.sum(0).to(ctx.bias_dtype)
             tape.inputs, tape.grads = [], []
         grad_x = grad.mm(weight.to(grad.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, grad_bias, None
 
 
 def autocast_once(t: Tensor | None) -> Tensor | None:
@@ -88,9 +91,10 @@ def autocast_once(t: Tensor | None) -> Tensor | None:
 
 
 def taped_linear(x: Tensor, weight: Tensor, tape: GradTape | None, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T (+ bias)``, the weight's gradient through ``tape`` when autograd records."""
-    out = x.mm(weight.t()) if tape is None or not torch.is_grad_enabled() else _TapedMatmul.apply(x, weight, tape)
-    return out if bias is None else out + bias
+    """``x @ weight.T (+ bias)``, the weight's and bias's gradients through ``tape`` when autograd records."""
+    if tape is not None and torch.is_grad_enabled():
+        return _TapedMatmul.apply(x, weight, bias, tape)
+    return x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
 class TapedLinear:

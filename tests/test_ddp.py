@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -55,10 +56,20 @@ def _worker(rank: int, tmp: str, demos_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+# The biases feeding a BatchNorm (a convolution's, a FiLM shift's): the normalisation removes a
+# per-channel shift, so their gradient is zero in exact arithmetic, and in float32 rounding noise
+# that Adam scales up to ~lr per update. The float64 test compares them too.
+BN_SHIFTS = re.compile(r"(image_conv\.[03]|films\.\d\.conv1|films\.\d\.beta)\.bias$")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4, float32: bool = True) -> None:
+    """The same weights; ``float32``: not the BatchNorm-shifted biases (``BN_SHIFTS``)."""
     assert a.keys() == b.keys()
+    assert sum(bool(BN_SHIFTS.search(k)) for k in a) in (6, 10)  # BC, TC: the pattern still names them
     for k in a:  # the BatchNorm running statistics too
-        torch.testing.assert_close(a[k].double(), b[k].double(), atol=atol, rtol=rtol, msg=k)
+        if float32 and BN_SHIFTS.search(k):
+            continue
+        torch.testing.assert_close(a[k].double(), b[k].double(), atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +110,13 @@ def test_two_processes_make_the_one_process_updates(tmp_path, demos_dir):
     # Same final weights on both ranks as with one process; rank 0 alone wrote last.pt / best.pt.
     expected = single["agent"].state_dict()
     for rank in range(WORLD):
-        assert_same_weights(load_checkpoint(tmp_path / f"ddp_rank{rank}.pt")["model"], expected, **EXACT)
-    assert_same_weights(load_checkpoint(tmp_path / "ddp" / "last.pt")["model"], expected, **EXACT)
+        assert_same_weights(load_checkpoint(tmp_path / f"ddp_rank{rank}.pt")["model"], expected, **EXACT, float32=False)
+    assert_same_weights(load_checkpoint(tmp_path / "ddp" / "last.pt")["model"], expected, **EXACT, float32=False)
     assert (tmp_path / "ddp" / "best.pt").exists()
     assert not list((tmp_path / "ddp").glob(".*tmp*"))
     # A run cut with 1 process resumes with 2 (train.nproc does not change what is learned).
     for rank in range(WORLD):
-        assert_same_weights(load_checkpoint(tmp_path / f"resumed_rank{rank}.pt")["model"], expected, **EXACT)
+        assert_same_weights(load_checkpoint(tmp_path / f"resumed_rank{rank}.pt")["model"], expected, **EXACT, float32=False)
 
 
 def run_train_stage(tmp_path: Path, demos_dir: Path, agent: str, **train) -> tuple[subprocess.CompletedProcess, dict]:

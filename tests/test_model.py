@@ -184,6 +184,43 @@ def test_batchnorm_running_statistics_weigh_every_frame_of_the_update():
     assert bn.num_batches_tracked == 1 and not bn.update_sums.any()
 
 
+@pytest.mark.parametrize("counted", [None, [1, 0, 1, 1, 0]], ids=["all_rows", "masked_rows"])
+def test_batchnorm_gradient_is_that_of_its_statistics(counted):
+    """Training BatchNorm's written-out backward (tc.model._Normalise) against finite differences and
+    against autograd through the formula: rows left out of the statistics are normalised with them
+    and get gradients, but do not move them."""
+    torch.manual_seed(0)
+    valid = None if counted is None else torch.tensor(counted, dtype=torch.bool)
+    x = (torch.randn(5, 3, 2, 2, dtype=torch.float64) * 2 + 1).requires_grad_()
+    weight = torch.empty(3, dtype=torch.float64).uniform_(0.5, 1.5).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def batchnorm(x, weight, bias):
+        bn = BatchNorm2d(3).double()
+        del bn.weight, bn.bias
+        bn.weight, bn.bias = weight, bias
+        return bn(x, valid)
+
+    assert torch.autograd.gradcheck(batchnorm, (x, weight, bias))
+    rows = x if valid is None else x[valid]
+    mean, var = rows.mean((0, 2, 3))[:, None, None], rows.var((0, 2, 3), unbiased=False)[:, None, None]
+    formula = (x - mean) * torch.rsqrt(var + 1e-5) * weight[:, None, None] + bias[:, None, None]
+    dy = torch.randn_like(x)
+    for got, want in zip(torch.autograd.grad(batchnorm(x, weight, bias), (x, weight, bias), dy),
+                         torch.autograd.grad(formula, (x, weight, bias), dy)):  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_under_bfloat16_keeps_the_dtypes():
+    bn = BatchNorm2d(4)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    y = bn(x)
+    y.float().square().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+    assert bn.weight.grad.dtype == bn.bias.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad.float()).all() and x.grad.float().abs().sum() > 0
+
+
 def test_taped_lstm_equals_lstmcell_with_gradients():
     torch.manual_seed(0)
     cell = torch.nn.LSTMCell(5, 7)
