@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small", action="store_true", help="a tiny model instead of the paper's (a quick check)")
     ap.add_argument("--out", help="default: benchmarks/results/step_kernels_cpu.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     dims = SMALL_MODEL if args.small else PAPER_MODEL
     with tempfile.TemporaryDirectory() as tmp:
         generate_demos("BabyAI-BossLevel-v0", 0, 2 * args.rows + 8, tmp, progress=False)
