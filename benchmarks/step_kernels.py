@@ -33,9 +33,9 @@ from tc.demos import generate_demos, load_demos
 from tc.io import write_json_atomic
 from tc.model import Agent, ModelConfig
 from tc.train import Padding, TrainConfig, chunk_terms, loss_scale, make_batch, objective
+from train_throughput import PAPER_MODEL  # a sibling script: the same paper size
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_MODEL = {"image_dim": 128, "memory_dim": 2048, "instr_dim": 256}
 SMALL_MODEL = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16}
 # Operators that only make a new view of existing memory (no kernel on any device).
 VIEWS = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "t", "transpose", "permute", "expand", "slice",
