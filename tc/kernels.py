@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -29,6 +30,14 @@ def per_step(sizes: list[int], *tensors: Tensor | None) -> zip:
     as the whole input, per step; that of ``split`` concatenates the gradients once.
     """
     return zip(sizes, *(t.split(sizes) if t is not None else [None] * len(sizes) for t in tensors))
+
+
+def first_rows(n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The first ``n`` rows of each tensor, the tensor itself when it has ``n`` rows: the backward
+    of a slice zero-fills a tensor as large as its input and copies into it (two kernels on a
+    GPU), even when the slice holds every row, as it does at most steps (and at all of a
+    padded chunk's)."""
+    return tuple(t if t.shape[0] == n else t[:n] for t in tensors)
 
 
 class GradTape:
@@ -54,7 +63,7 @@ class _TapedMatmul(torch.autograd.Function):
     # and hands autograd gradients in the dtypes of x, weight and bias.
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tape: GradTape) -> Tensor:
-        out = x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())  # bias added in the matmul
+        out = F.linear(x, weight, bias)  # the bias added inside the matmul (addmm)
         ctx.save_for_backward(x.to(out.dtype), weight)
         ctx.x_dtype, ctx.bias_dtype, ctx.tape = x.dtype, None if bias is None else bias.dtype, tape
         tape.pending += 1
@@ -94,7 +103,7 @@ def taped_linear(x: Tensor, weight: Tensor, tape: GradTape | None, bias: Tensor 
     """``x @ weight.T (+ bias)``, the weight's and bias's gradients through ``tape`` when autograd records."""
     if tape is not None and torch.is_grad_enabled():
         return _TapedMatmul.apply(x, weight, bias, tape)
-    return x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return F.linear(x, weight, bias)
 
 
 class TapedLinear:

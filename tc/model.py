@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from tc import vocab
-from tc.kernels import TapedLinear, TapedLSTMCell, compile_problem, lstm_pointwise, per_step
+from tc.kernels import TapedLinear, TapedLSTMCell, compile_problem, first_rows, lstm_pointwise, per_step
 from tc.params import check_fields, dataclass_from_dict, param
 
 N_ACTIONS = 7  # left, right, forward, pickup, drop, toggle, done
@@ -112,7 +112,8 @@ class _Normalise(torch.autograd.Function):
 
         dx = weight * invstd * (dy - coef * (sum(dy) + xhat * sum(dy * xhat)))
 
-    where ``coef`` is 1 / count for a row the statistics count and 0 for one they leave out.
+    where ``coef`` is 1 / count: a number where every row counts, else a tensor of rows, 0
+    for a row the statistics leave out.
     Autograd through the statistics' formula would launch ~55 kernels per call's backward (a
     training step has 3 BatchNorms per level), keep float64 copies of the input and record
     the mask's products; this backward takes ~13 kernels and keeps the input only.
@@ -121,14 +122,15 @@ class _Normalise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, invstd, coef, all_reduce):
         scale = invstd * weight
-        shift = bias - mean * scale
-        ctx.save_for_backward(x, mean, invstd, scale, coef)
-        ctx.all_reduce = all_reduce
+        shift = torch.addcmul(bias, mean, scale, value=-1)
+        rows = isinstance(coef, Tensor)
+        ctx.save_for_backward(x, mean, invstd, scale, coef if rows else None)
+        ctx.coef, ctx.all_reduce = None if rows else coef, all_reduce
         return torch.addcmul(shift[:, None, None], x, scale[:, None, None]).to(x.dtype)  # one pass over x
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean, invstd, scale, coef = ctx.saved_tensors
+        x, mean, invstd, scale, row_coef = ctx.saved_tensors
         dy = dy.to(scale.dtype)
         # Fused multiply-adds (addcmul): each a single pass over the [N, C, H, W] tensors.
         xhat = torch.addcmul((-mean * invstd)[:, None, None], x, invstd[:, None, None])
@@ -138,7 +140,8 @@ class _Normalise(torch.autograd.Function):
             total = ctx.all_reduce(total)
         c = d_bias.shape[0]
         inner = torch.addcmul(total[:c, None, None], xhat, total[c:, None, None])
-        dx = torch.addcmul(dy, coef, inner, value=-1) * scale[:, None, None]
+        dx = dy.add(inner, alpha=-ctx.coef) if row_coef is None else torch.addcmul(dy, row_coef, inner, value=-1)
+        dx = dx * scale[:, None, None]
         return dx.to(x.dtype), d_weight, d_bias, None, None, None, None
 
 
@@ -166,26 +169,42 @@ class BatchNorm2d(nn.BatchNorm2d):
         the other rows are normalised with them but add nothing. None: every row."""
         if not self.training:
             return super().forward(x)
-        c = self.num_features
+        c, dims = self.num_features, (0, 2, 3)
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)  # float32 under bfloat16 autocast
         with torch.no_grad():  # the statistics' part of the gradient is _Normalise's
-            x64 = x.double()  # E[x^2] - E[x]^2 in float64 loses nothing
-            if valid is None:
-                count = x.new_full((1,), x.numel() // c, dtype=torch.float64)
-                weighted = x64
+            if self.all_reduce is None:
+                # One process: the mean, then the variance around it, in float32 (exact enough, as
+                # E[x^2] - E[x]^2 is not taken), in few ops: each op is a kernel launch on a GPU,
+                # and a time step makes 3 BatchNorm calls per level.
+                xf = x.to(dtype)
+                if valid is None:
+                    count = x.numel() // c
+                    coef = 1 / count
+                    var, mean = torch.var_mean(xf, dims, correction=0)  # one fused reduction
+                else:
+                    count = valid.sum(dtype=dtype) * (x.shape[2] * x.shape[3])
+                    coef = valid[:, None, None, None] / count.clamp(min=1)
+                    mean = (xf * coef).sum(dims)
+                    var = ((xf - mean[:, None, None]).square() * coef).sum(dims)
+                self.update_sums[: 2 * c].add_(torch.cat([mean, torch.addcmul(var, mean, mean)]) * count)
+                self.update_sums[2 * c :].add_(count)
             else:
-                count = valid.sum(0, keepdim=True, dtype=torch.float64) * (x.shape[2] * x.shape[3])
-                weighted = x64 * valid[:, None, None, None]
-            sums = torch.cat([weighted.sum((0, 2, 3)), (weighted * x64).sum((0, 2, 3)), count])
-            if self.all_reduce is not None:
-                sums = self.all_reduce(sums)
-            self.update_sums += sums
-            n = sums[2 * c].clamp(min=1)
-            mean = sums[:c] / n
-            var = (sums[c : 2 * c] / n - mean * mean).clamp(min=0)
-            dtype = torch.promote_types(x.dtype, self.weight.dtype)  # float32 under bfloat16 autocast
-            coef = (1 / n if valid is None else valid[:, None, None, None] / n).to(dtype)
-        return _Normalise.apply(x, self.weight, self.bias, mean.to(dtype), torch.rsqrt(var.to(dtype) + self.eps), coef,
-                                self.all_reduce)  # fmt: skip
+                # Data-parallel: the sums of x and x^2 over all ranks' rows, in float64, where
+                # E[x^2] - E[x]^2 loses nothing.
+                x64 = x.double()
+                if valid is None:
+                    count = x.new_full((1,), x.numel() // c, dtype=torch.float64)
+                    weighted = x64
+                else:
+                    count = valid.sum(0, keepdim=True, dtype=torch.float64) * (x.shape[2] * x.shape[3])
+                    weighted = x64 * valid[:, None, None, None]
+                sums = self.all_reduce(torch.cat([weighted.sum(dims), (weighted * x64).sum(dims), count]))
+                self.update_sums += sums
+                n = sums[2 * c].clamp(min=1)
+                mean = sums[:c] / n
+                var = (sums[c : 2 * c] / n - mean * mean).clamp(min=0).to(dtype)
+                mean, coef = mean.to(dtype), (1 / n if valid is None else valid[:, None, None, None] / n).to(dtype)
+        return _Normalise.apply(x, self.weight, self.bias, mean, torch.rsqrt(var + self.eps), coef, self.all_reduce)
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -392,9 +411,9 @@ class ThoughtGenerator(nn.Module):
         h, c, hh, hc = state["up_h"], state["up_c"], state["hist_h"], state["hist_c"]
         hs, cs, generated = [], [], []
         for t, (n, x0_n, feats_n, valid_n, *thought_n) in enumerate(steps):
-            h, c, hh, hc = h[:n], c[:n], hh[:n], hc[:n]
+            h, c, hh, hc = first_rows(n, h, c, hh, hc)
             x = self.condition(to_query(memory_input(hh, hc)), to_key(memory_input(h, c)),
-                               *(part[:n] for kv in kvs for part in kv), words[:n], mask[:n], x0_n, feats_n,
+                               *first_rows(n, *(part for kv in kvs for part in kv), words, mask), x0_n, feats_n,
                                valid_n)
             h, c = memory(x, h, c)
             if not given:
@@ -453,7 +472,7 @@ class ThoughtGenerator(nn.Module):
         h, c = h[order], c[order]
         outs = []
         for n, gates_n in per_step(counts.tolist(), gates):
-            h, c = cell.step(gates_n, h[:n], c[:n])
+            h, c = cell.step(gates_n, *first_rows(n, h, c))
             outs.append(h)
         logits = self.decoder_out(torch.cat(outs))  # token-major: step k's rows, then step k + 1's...
         # Row i's word k sits at (first row of step k) + (position of i in the sorted order).
@@ -529,9 +548,9 @@ class ActionGenerator(nn.Module):
         h, c = state["low_h"], state["low_c"]
         outs = []
         for n, x0_n, feats_n, valid_n, *thought_n in steps:
-            h, c = h[:n], c[:n]
-            x = self.condition(to_keys(memory_input(h, c)), mission["words"][:n], mission["mask"][:n], x0_n, feats_n,
-                               valid_n, *thought_n)
+            h, c = first_rows(n, h, c)
+            x = self.condition(to_keys(memory_input(h, c)), *first_rows(n, mission["words"], mission["mask"]), x0_n,
+                               feats_n, valid_n, *thought_n)
             h, c = memory(x, h, c)
             outs.append(h)
         return self.actor(torch.cat(outs)), {"low_h": h, "low_c": c}
@@ -543,9 +562,10 @@ class ActionGenerator(nn.Module):
         """One step's memory input: the mission (and thought) attentions keyed by ``keys`` give the
         FiLM conditioning of the image; pooled [n, image_dim]. What :meth:`Agent.compile_steps` compiles."""
         p, d = self.cfg.attn_dropout, self.cfg.instr_dim
-        cond = self.mission_proj(attend(keys[:, -d:], words, mask, p, self.training))
+        *thought_key, mission_key = keys.split(d, 1)  # split: its backward is one cat, a slice's a zero-fill
+        cond = self.mission_proj(attend(mission_key, words, mask, p, self.training))
         if thought_words is not None:
-            cond = cond + self.thought_proj(attend(keys[:, :d], thought_words, thought_mask, p, self.training))
+            cond = cond + self.thought_proj(attend(thought_key[0], thought_words, thought_mask, p, self.training))
         return film_pool(self.films, x0, cond, feats, valid)
 
 

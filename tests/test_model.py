@@ -211,6 +211,38 @@ def test_batchnorm_gradient_is_that_of_its_statistics(counted):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_batchnorm_statistics_paths_agree():
+    """BatchNorm's three ways to its statistics, on float32 frames whose mean is 100 times their spread
+    (where E[x^2] - E[x]^2 in float32 would lose the variance): one process with every row (var_mean),
+    one process with a mask of rows (weighted float32), and the data-parallel float64 sums (here with an
+    all-reduce over one rank), each with all rows and with rows left out."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4) + 100
+    dy = torch.randn_like(x)
+
+    def run(valid, all_reduce):
+        torch.manual_seed(1)
+        bn = BatchNorm2d(3)
+        bn.weight.data.uniform_(0.5, 1.5)
+        if all_reduce:
+            bn.all_reduce = lambda t: t
+        xi = x.clone().requires_grad_()
+        y = bn(xi, valid)
+        y.backward(dy)
+        return y, xi.grad, bn.weight.grad, bn.bias.grad, bn.update_sums, bn.weight.detach()
+
+    every, rows = torch.ones(6, dtype=torch.bool), torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    for want, *others in ([run(None, True), run(None, False), run(every, False)], [run(rows, True), run(rows, False)]):
+        for got in others:
+            for g, w, tol in zip(got, want, (1e-5, 1e-4, 1e-4, 1e-5, 1e-6)):
+                torch.testing.assert_close(g, w, rtol=tol, atol=tol * 10)
+    # and the float32 paths against float64 maths: the output's variance is weight^2 var / (var + eps)
+    y, *_, weight = run(None, False)
+    var = x.double().var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(y.detach().double().var((0, 2, 3), unbiased=False), weight.double() ** 2 * var / (var + 1e-5),
+                               rtol=1e-4, atol=0)
+
+
 def test_batchnorm_under_bfloat16_keeps_the_dtypes():
     bn = BatchNorm2d(4)
     x = torch.randn(6, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)

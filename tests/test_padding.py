@@ -130,7 +130,10 @@ def test_chunk_graphs_train_as_eager(demos, use_thoughts, compiled):
     for (sums, grads), (g_sums, g_grads) in zip(eager, graphed):
         assert g_sums == pytest.approx(sums, rel=1e-5, abs=1e-5)
         for name in grads:
-            torch.testing.assert_close(g_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+            # Elements near 0 beside large ones (a FiLM shift's weight, which BatchNorm follows) carry
+            # the float32 rounding of the tensor's scale: compiled kernels sum in another order.
+            atol = 1e-6 + 1e-4 * grads[name].abs().max().item()
+            torch.testing.assert_close(g_grads[name], grads[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
     for name in eager_weights:  # BatchNorm running statistics included
         torch.testing.assert_close(graphed_weights[name], eager_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
