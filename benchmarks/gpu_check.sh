@@ -9,8 +9,8 @@
 #   3. evaluation throughput (environment workers, CUDA graphs, both), 70 s;
 #   4. the CUDA tests of torch.compile (compiled steps, compiled steps inside the graphs), 90 s;
 #   5. training throughput with compiled steps, with and without graphs, fp32, 90 s.
-# Not yet run: the limits are estimates (parts 4 and 5: torch.compile takes about twice as long since
-# BatchNorm's backward is written out, measured on the CPU). The benchmarks rewrite their JSON after every measurement,
+# Not yet run: the limits are estimates (parts 4 and 5: compiling the steps took as long on the CPU as
+# before BatchNorm's backward was written out: tests/test_compile.py 83 s). The benchmarks rewrite their JSON after every measurement,
 # so a part stopped by its limit keeps what it measured. Results land in $OUT.
 #
 # Before, on this machine (the GPU machine has no minigrid and no internet; ../shared does not travel):
