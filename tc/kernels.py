@@ -107,10 +107,15 @@ def taped_linear(x: Tensor, weight: Tensor, tape: GradTape | None, bias: Tensor 
 
 
 class TapedLinear:
-    """An ``nn.Linear`` called once per time step, its weight gradient through one tape."""
+    """``nn.Linear`` layers of the same input called once per time step, their weight gradient
+    through one tape. Several layers run as one matmul, their outputs side by side: their
+    weights are stacked once per forward pass (one kernel and one gradient on a GPU, not one
+    per layer). ``tape=False``: autograd's own gradient per call (inside ``torch.compile``,
+    which cannot trace a tape's backward)."""
 
-    def __init__(self, linear: nn.Linear):
-        self.weight, self.bias, self.tape = autocast_once(linear.weight), autocast_once(linear.bias), GradTape()
+    def __init__(self, *linears: nn.Linear, tape: bool = True):
+        weight, bias = (torch.cat(ps) if len(ps) > 1 else ps[0] for ps in zip(*((m.weight, m.bias) for m in linears)))
+        self.weight, self.bias, self.tape = autocast_once(weight), autocast_once(bias), GradTape() if tape else None
 
     def __call__(self, x: Tensor) -> Tensor:
         return taped_linear(x, self.weight, self.tape, self.bias)

@@ -230,10 +230,11 @@ def conv_bn(dim: int) -> list[nn.Module]:
 
 
 class FiLMBlock(nn.Module):
-    """conv-BN-ReLU-conv, feature-wise affine modulation by ``cond``, BN, ReLU; plus the input (residual).
+    """conv-BN-ReLU-conv, feature-wise affine modulation (``gamma``, ``beta``: linear maps of the
+    conditioning), BN, ReLU; plus the input (residual).
 
-    ``features`` (the convolutions) does not depend on ``cond``: callers may run it on many
-    frames at once and pass the result to ``forward``.
+    ``features`` (the convolutions) does not depend on the conditioning: callers may run it on
+    many frames at once and pass the result to ``forward``.
     """
 
     def __init__(self, dim: int, cond_dim: int):
@@ -246,20 +247,31 @@ class FiLMBlock(nn.Module):
     def features(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         return self.conv2(F.relu(self.bn1(self.conv1(x), valid)))
 
-    def forward(self, x: Tensor, cond: Tensor, feats: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, gamma: Tensor, beta: Tensor, feats: Tensor | None = None,
+                valid: Tensor | None = None) -> Tensor:  # fmt: skip
+        """``gamma``, ``beta`` [n, dim, 1, 1]: this block's maps of the conditioning (:func:`film_pool`)."""
         feats = self.features(x, valid) if feats is None else feats
-        out = feats * self.gamma(cond)[:, :, None, None] + self.beta(cond)[:, :, None, None]
+        out = feats * gamma + beta
         # Out-of-place residual: the public code's in-place `out += x` breaks backward.
         return F.relu(self.bn2(out, valid)) + x
 
 
-def film_pool(films: nn.ModuleList, x: Tensor, cond: Tensor, feats: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Both FiLM blocks (the first one's convolutions precomputed), then the 7x7 max-pool.
+def film_modulation(films: nn.ModuleList, tape: bool) -> TapedLinear:
+    """The four linear maps of the conditioning in two FiLM blocks (gamma and beta of each), as one
+    matmul per step (:func:`film_pool`); ``tape``: see :class:`TapedLinear`."""
+    return TapedLinear(*(m for film in films for m in (film.gamma, film.beta)), tape=tape)
+
+
+def film_pool(films: nn.ModuleList, modulation: TapedLinear, x: Tensor, cond: Tensor, feats: Tensor,
+              valid: Tensor | None = None) -> Tensor:  # fmt: skip
+    """Both FiLM blocks (the first one's convolutions precomputed, their maps of ``cond`` from
+    :func:`film_modulation`), then the 7x7 max-pool.
 
     The paper applies a ReLU after the pool; the pooled values are sums of ReLU outputs,
     already >= 0, so it is left out.
     """
-    return films[1](films[0](x, cond, feats, valid), cond, None, valid).amax((2, 3))
+    gamma0, beta0, gamma1, beta1 = modulation(cond)[:, :, None, None].chunk(4, 1)
+    return films[1](films[0](x, gamma0, beta0, feats, valid), gamma1, beta1, None, valid).amax((2, 3))
 
 
 def attend(key: Tensor, words: Tensor, mask: Tensor, dropout: float, training: bool) -> Tensor:
@@ -286,20 +298,28 @@ class ReferBlock(nn.Module):
         self.ff1, self.ff2 = nn.Linear(d, d), nn.Linear(d, d)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
 
+    def taped(self, tape: bool) -> tuple[TapedLinear, ...]:
+        """This block's per-step linear layers (query, out, ff1, ff2) for one forward pass: :meth:`forward`'s
+        ``linears``; ``tape``: see :class:`TapedLinear`."""
+        return tuple(TapedLinear(m, tape=tape) for m in (self.query, self.out, self.ff1, self.ff2))
+
     def keys_values(self, words: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head keys and values of the mission words [B, L, d] -> [B, L, heads, d/heads] (once per episode)."""
         B, L, d = words.shape
         return self.key(words).view(B, L, self.heads, d // self.heads), self.value(words).view(B, L, self.heads, d // self.heads)
 
-    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+                linears: tuple[TapedLinear, ...]) -> Tensor:  # fmt: skip
+        """``linears``: :meth:`taped`, made once per forward pass and used at every step."""
+        to_query, out, ff1, ff2 = linears
         n, d = query.shape
-        q = self.query(query).view(n, self.heads, d // self.heads)
+        q = to_query(query).view(n, self.heads, d // self.heads)
         scores = torch.einsum("nhk,nlhk->nhl", q, keys) / math.sqrt(q.shape[2])
         weights = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(2)
         weights = F.dropout(weights, self.attn_dropout, self.training)
         ctx = torch.einsum("nhl,nlhk->nhk", weights, values).reshape(n, d)
-        x = self.norm1(F.dropout(self.out(ctx), self.dropout, self.training) + query)
-        return self.norm2(F.dropout(self.ff2(F.relu(self.ff1(x))), self.dropout, self.training) + x)
+        x = self.norm1(F.dropout(out(ctx), self.dropout, self.training) + query)
+        return self.norm2(F.dropout(ff2(F.relu(ff1(x))), self.dropout, self.training) + x)
 
 
 # ----------------------------------------------------------------------------- perception
@@ -383,6 +403,7 @@ class ThoughtGenerator(nn.Module):
         self.decoder = nn.LSTMCell(d, m)
         self.decoder_out = nn.Linear(m, cfg.vocab_size)
         self.pointwise = lstm_pointwise  # or its compiled version (Agent.compile_steps)
+        self.tape_condition = True  # False once `condition` is compiled (Agent.compile_steps)
 
     def forward(
         self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
@@ -402,6 +423,7 @@ class ThoughtGenerator(nn.Module):
         memory, history = TapedLSTMCell(self.memory, self.pointwise), TapedLSTMCell(self.history, self.pointwise)
         to_query, to_key, to_thought_key = (TapedLinear(m) for m in (self.history_to_query, self.memory_to_key,
                                                                       self.memory_to_thought_key))
+        linears = (*(blk.taped(self.tape_condition) for blk in self.refer), film_modulation(self.films, self.tape_condition))
         given = thoughts is not None
         if given:
             t_words, t_mask = perception.words(thoughts, True, fixed)  # all rows at once
@@ -414,7 +436,7 @@ class ThoughtGenerator(nn.Module):
             h, c, hh, hc = first_rows(n, h, c, hh, hc)
             x = self.condition(to_query(memory_input(hh, hc)), to_key(memory_input(h, c)),
                                *first_rows(n, *(part for kv in kvs for part in kv), words, mask), x0_n, feats_n,
-                               valid_n)
+                               valid_n, linears)
             h, c = memory(x, h, c)
             if not given:
                 tokens = self.decode_greedy(h, c, perception.word_embedding, early_stop=not fixed)
@@ -433,17 +455,18 @@ class ThoughtGenerator(nn.Module):
 
     def condition(
         self, query: Tensor, key: Tensor, k0: Tensor, v0: Tensor, k1: Tensor, v1: Tensor, words: Tensor,
-        mask: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None = None,
+        mask: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None, linears: tuple,
     ) -> Tensor:
         """One step's memory input: the REFER blocks (keys and values ``k0, v0, k1, v1``) and the
         mission attention give the FiLM conditioning of the image; pooled [n, image_dim].
-
-        Between the taped matmuls of a step: what :meth:`Agent.compile_steps` compiles.
+        ``linears``: the REFER blocks' and the FiLM maps' linear layers (made once per forward
+        pass). What :meth:`Agent.compile_steps` compiles.
         """
-        for blk, k, v in zip(self.refer, (k0, k1), (v0, v1)):
-            query = blk(query, k, v, mask)
+        *refer, modulation = linears
+        for blk, k, v, lin in zip(self.refer, (k0, k1), (v0, v1), refer):
+            query = blk(query, k, v, mask, lin)
         cond = query + attend(key, words, mask, self.cfg.attn_dropout, self.training)
-        return film_pool(self.films, x0, cond, feats, valid)
+        return film_pool(self.films, modulation, x0, cond, feats, valid)
 
     def attend(self, key: Tensor, words: Tensor, mask: Tensor) -> Tensor:
         """Attention over a thought's words (compiled with :meth:`condition`)."""
@@ -534,6 +557,7 @@ class ActionGenerator(nn.Module):
         self.memory = nn.LSTMCell(cfg.image_dim, m)
         self.actor = nn.Sequential(nn.Linear(m, 64), nn.Tanh(), nn.Linear(64, N_ACTIONS))
         self.pointwise = lstm_pointwise  # or its compiled version (Agent.compile_steps)
+        self.tape_condition = True  # False once `condition` is compiled (Agent.compile_steps)
 
     def forward(
         self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
@@ -543,6 +567,9 @@ class ActionGenerator(nn.Module):
         ``valid``: see :meth:`Agent.forward`."""
         feats = self.films[0].features(x0, valid)  # independent of the memory: all rows at once
         memory, to_keys = TapedLSTMCell(self.memory, self.pointwise), TapedLinear(self.memory_to_keys)
+        tape = self.tape_condition
+        linears = (TapedLinear(self.mission_proj, tape=tape), self.thought_proj and TapedLinear(self.thought_proj, tape=tape),
+                   film_modulation(self.films, tape))
         thinking = thought_words is not None
         steps = per_step(sizes, x0, feats, valid, *((thought_words, thought_mask) if thinking else ()))
         h, c = state["low_h"], state["low_c"]
@@ -550,23 +577,26 @@ class ActionGenerator(nn.Module):
         for n, x0_n, feats_n, valid_n, *thought_n in steps:
             h, c = first_rows(n, h, c)
             x = self.condition(to_keys(memory_input(h, c)), *first_rows(n, mission["words"], mission["mask"]), x0_n,
-                               feats_n, valid_n, *thought_n)
+                               feats_n, valid_n, linears, *thought_n)
             h, c = memory(x, h, c)
             outs.append(h)
         return self.actor(torch.cat(outs)), {"low_h": h, "low_c": c}
 
     def condition(
-        self, keys: Tensor, words: Tensor, mask: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None = None,
-        thought_words: Tensor | None = None, thought_mask: Tensor | None = None,
+        self, keys: Tensor, words: Tensor, mask: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None,
+        linears: tuple, thought_words: Tensor | None = None, thought_mask: Tensor | None = None,
     ) -> Tensor:
         """One step's memory input: the mission (and thought) attentions keyed by ``keys`` give the
-        FiLM conditioning of the image; pooled [n, image_dim]. What :meth:`Agent.compile_steps` compiles."""
+        FiLM conditioning of the image; pooled [n, image_dim]. ``linears``: the taped mission and
+        thought projections and FiLM maps (made once per forward pass). What
+        :meth:`Agent.compile_steps` compiles."""
         p, d = self.cfg.attn_dropout, self.cfg.instr_dim
+        mission_proj, thought_proj, modulation = linears
         *thought_key, mission_key = keys.split(d, 1)  # split: its backward is one cat, a slice's a zero-fill
-        cond = self.mission_proj(attend(mission_key, words, mask, p, self.training))
+        cond = mission_proj(attend(mission_key, words, mask, p, self.training))
         if thought_words is not None:
-            cond = cond + self.thought_proj(attend(thought_key[0], thought_words, thought_mask, p, self.training))
-        return film_pool(self.films, x0, cond, feats, valid)
+            cond = cond + thought_proj(attend(thought_key[0], thought_words, thought_mask, p, self.training))
+        return film_pool(self.films, modulation, x0, cond, feats, valid)
 
 
 # ----------------------------------------------------------------------------- agent
@@ -587,10 +617,11 @@ class Agent(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def compile_steps(self, mode: str = "default") -> str | None:
-        """Compile, with ``torch.compile`` (dynamic shapes), what a time step does between its taped
-        matmuls: each level's ``condition`` (attentions, FiLM, BatchNorm, pool), the thought
-        attention and the LSTM cells' pointwise update, so that the step loop runs fewer,
-        fused kernels (fewer launches on a GPU). The taped matmuls and the loop stay eager.
+        """Compile, with ``torch.compile`` (dynamic shapes), what a time step does between the taped
+        matmuls of its memories: each level's ``condition`` (attentions, FiLM, BatchNorm, pool,
+        with their linear layers untaped), the thought attention and the LSTM cells' pointwise
+        update, so that the step loop runs fewer, fused kernels (fewer launches on a GPU). The
+        memories' taped matmuls and the loop stay eager.
         ``mode``: torch.compile's. The result equals the eager one up to float rounding
         (tests); dropout draws other masks. Returns None, or why torch.compile cannot run
         here (then nothing is compiled and the agent stays eager).
@@ -604,6 +635,7 @@ class Agent(nn.Module):
         for level in filter(None, (self.upper, self.lower)):
             level.pointwise = torch.compile(lstm_pointwise, dynamic=True, mode=mode)
             level.condition = torch.compile(level.condition, dynamic=True, mode=mode)
+            level.tape_condition = False  # dynamo cannot trace a tape's backward: autograd's gradients inside
         if self.upper is not None:
             self.upper.attend = torch.compile(self.upper.attend, dynamic=True, mode=mode)
         return None

@@ -6,8 +6,10 @@ from torch.profiler import ProfilerActivity, profile
 from tc import vocab
 from tc.checkpoint import load_agent, load_checkpoint, save_checkpoint
 from tc.demos import generate_demos, load_demos
-from tc.kernels import TapedLSTMCell, per_step
-from tc.model import Agent, BatchNorm2d, ModelConfig, commit_batchnorm, count_parameters
+import torch.nn.functional as F
+
+from tc.kernels import TapedLinear, TapedLSTMCell, per_step
+from tc.model import Agent, BatchNorm2d, FiLMBlock, ModelConfig, commit_batchnorm, count_parameters, film_modulation, film_pool
 from tc.train import TrainConfig, loss_scale, make_batch, run_batch
 
 TINY = dict(image_dim=16, memory_dim=32, instr_dim=16)
@@ -281,6 +283,44 @@ def test_taped_lstm_equals_lstmcell_with_gradients():
     torch.testing.assert_close(torch.cat(outs), torch.cat(ref_out))
     for a, b in zip(got, grads(torch.cat(ref_out), hh)):
         torch.testing.assert_close(a, b)
+
+
+def test_taped_linear_of_several_layers_is_them_side_by_side_with_gradients():
+    """One matmul for layers sharing an input, called at every step of a shrinking set: each layer's
+    output in its place, and the gradients of plain calls."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(5, k) for k in (3, 4, 2)]
+    x = torch.randn(6, 5, requires_grad=True)
+    sizes = [3, 2, 1]
+    tangent = torch.randn(6, 9)
+
+    def grads(out):
+        (out * tangent).sum().backward()
+        g = [p.grad.clone() for m in layers for p in m.parameters()] + [x.grad.clone()]
+        for p in [*(p for m in layers for p in m.parameters()), x]:
+            p.grad = None
+        return g
+
+    taped = TapedLinear(*layers)
+    got = torch.cat([taped(x_n) for _, x_n in per_step(sizes, x)])
+    got_grads = grads(got)
+    ref = torch.cat([torch.cat([m(x_n) for m in layers], 1) for _, x_n in per_step(sizes, x)])
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(got_grads, grads(ref)):
+        torch.testing.assert_close(a, b)
+
+
+def test_film_pool_modulates_each_block_by_its_own_maps():
+    """The four FiLM maps in one matmul give each block its own gamma and beta (the paper's FiLM)."""
+    torch.manual_seed(0)
+    films = torch.nn.ModuleList(FiLMBlock(4, 6) for _ in range(2))
+    x, cond = torch.randn(5, 4, 7, 7), torch.randn(5, 6)
+    got = film_pool(films, film_modulation(films, tape=True), x, cond, films[0].features(x))
+    out = x
+    for film in films:
+        modulated = film.features(out) * film.gamma(cond)[:, :, None, None] + film.beta(cond)[:, :, None, None]
+        out = F.relu(film.bn2(modulated)) + out
+    torch.testing.assert_close(got, out.amax((2, 3)))
 
 
 def test_checkpoint_round_trip(tmp_path, demos):
