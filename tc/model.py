@@ -299,8 +299,8 @@ class ReferBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
 
     def taped(self, tape: bool) -> tuple[TapedLinear, ...]:
-        """This block's per-step linear layers (query, out, ff1, ff2) for one forward pass: :meth:`forward`'s
-        ``linears``; ``tape``: see :class:`TapedLinear`."""
+        """This block's per-step linear layers (query, out, ff1, ff2) for one forward pass:
+        :meth:`forward`'s ``linears``; ``tape``: see :class:`TapedLinear`."""
         return tuple(TapedLinear(m, tape=tape) for m in (self.query, self.out, self.ff1, self.ff2))
 
     def keys_values(self, words: Tensor) -> tuple[Tensor, Tensor]:
@@ -423,7 +423,8 @@ class ThoughtGenerator(nn.Module):
         memory, history = TapedLSTMCell(self.memory, self.pointwise), TapedLSTMCell(self.history, self.pointwise)
         to_query, to_key, to_thought_key = (TapedLinear(m) for m in (self.history_to_query, self.memory_to_key,
                                                                       self.memory_to_thought_key))
-        linears = (*(blk.taped(self.tape_condition) for blk in self.refer), film_modulation(self.films, self.tape_condition))
+        tape = self.tape_condition
+        linears = (*(blk.taped(tape) for blk in self.refer), film_modulation(self.films, tape))
         given = thoughts is not None
         if given:
             t_words, t_mask = perception.words(thoughts, True, fixed)  # all rows at once
@@ -568,7 +569,8 @@ class ActionGenerator(nn.Module):
         feats = self.films[0].features(x0, valid)  # independent of the memory: all rows at once
         memory, to_keys = TapedLSTMCell(self.memory, self.pointwise), TapedLinear(self.memory_to_keys)
         tape = self.tape_condition
-        linears = (TapedLinear(self.mission_proj, tape=tape), self.thought_proj and TapedLinear(self.thought_proj, tape=tape),
+        linears = (TapedLinear(self.mission_proj, tape=tape),
+                   TapedLinear(self.thought_proj, tape=tape) if self.thought_proj is not None else None,
                    film_modulation(self.films, tape))
         thinking = thought_words is not None
         steps = per_step(sizes, x0, feats, valid, *((thought_words, thought_mask) if thinking else ()))
@@ -587,8 +589,8 @@ class ActionGenerator(nn.Module):
         linears: tuple, thought_words: Tensor | None = None, thought_mask: Tensor | None = None,
     ) -> Tensor:
         """One step's memory input: the mission (and thought) attentions keyed by ``keys`` give the
-        FiLM conditioning of the image; pooled [n, image_dim]. ``linears``: the taped mission and
-        thought projections and FiLM maps (made once per forward pass). What
+        FiLM conditioning of the image; pooled [n, image_dim]. ``linears``: the mission and thought
+        projections and the FiLM maps (made once per forward pass). What
         :meth:`Agent.compile_steps` compiles."""
         p, d = self.cfg.attn_dropout, self.cfg.instr_dim
         mission_proj, thought_proj, modulation = linears
