@@ -1,13 +1,12 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from tc import vocab
 from tc.checkpoint import load_agent, load_checkpoint, save_checkpoint
 from tc.demos import generate_demos, load_demos
-import torch.nn.functional as F
-
 from tc.kernels import TapedLinear, TapedLSTMCell, per_step
 from tc.model import Agent, BatchNorm2d, FiLMBlock, ModelConfig, commit_batchnorm, count_parameters, film_modulation, film_pool
 from tc.train import TrainConfig, loss_scale, make_batch, run_batch
