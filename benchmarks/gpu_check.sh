@@ -9,8 +9,8 @@
 #   3. evaluation throughput (environment workers, CUDA graphs, both), 70 s;
 #   4. the CUDA tests of torch.compile (compiled steps, compiled steps inside the graphs), 90 s;
 #   5. training throughput with compiled steps, with and without graphs, fp32, 90 s.
-# Not yet run: the limits are estimates (parts 4 and 5: on the CPU, tests/test_compile.py takes 83 s again,
-# against 147 s for the code just before, 77 s before that). The benchmarks rewrite their JSON after every measurement,
+# Not yet run: the limits are estimates (parts 4 and 5: on the CPU, tests/test_compile.py takes 88 s on the code of
+# stop 23; 83 s on stop 22's, 147 s and 77 s on earlier code). The benchmarks rewrite their JSON after every measurement,
 # so a part stopped by its limit keeps what it measured. Results land in $OUT.
 #
 # Before, on this machine (the GPU machine has no minigrid and no internet; ../shared does not travel):
