@@ -13,8 +13,8 @@
 # stop 23; 83 s on stop 22's, 147 s and 77 s on earlier code). The benchmarks rewrite their JSON after every measurement,
 # so a part stopped by its limit keeps what it measured. Results land in $OUT.
 #
-# Before, on this machine: the suite under the GPU machine's Python 3.12 and torch 2.11 (README, Set-up; on
-# the code of stop 24 it found compiled BatchNorm's gradients zeroed by 2.11, and passes since). Then (the GPU
+# Before, on this machine: the suite under the GPU machine's Python 3.12 and torch 2.11 (README, Set-up; in
+# stop 24 it found compiled BatchNorm's gradients zeroed by 2.11, and passes since). Then (the GPU
 # machine has no minigrid and no internet; ../shared does not travel):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
