@@ -10,7 +10,8 @@ between chunks of 8 and 4 steps, so that per-chunk work drops out), the aten ope
 dispatched other than views, and the bytes autograd keeps for the backward pass per frame
 (the activation memory of a chunk: rows x ``recurrence`` frames of it). Agents: TC
 teacher-forced, TC free-running, BC; layouts: the shrinking time-major one (eager
-training) and the padded one (``train.cuda_graphs``). Paper size (image 128, memory
+training) and the padded one (``train.cuda_graphs``). Also one evaluation step
+(``Agent.act``) of TC and BC, eager and on the fixed-shape path of CUDA graphs. Paper size (image 128, memory
 2048, instr 256) unless ``--small``; BossLevel episodes of at least 8 steps. Counts are of
 the CPU's operators: where a CPU kernel is a composite (the GRU that encodes generated
 thoughts), CUDA runs fewer, larger ones (cuDNN). Writes
@@ -52,7 +53,7 @@ class Operators(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name not in VIEWS:
+        if name not in VIEWS and not (name == "dropout" and not args[2]):  # eval-mode dropout returns its input
             self.counts[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -76,6 +77,17 @@ def chunk(agent: Agent, demos, episodes: np.ndarray, steps: int, padded: bool, t
                                None if batch.valid is None else batch.valid[rows], true_thoughts, False)  # fmt: skip
         objective(terms, cfg, loss_scale(demos, cfg)).backward()
     return ops.counts, sum(storages.values())
+
+
+@torch.inference_mode()
+def act(agent: Agent, demos, episodes: np.ndarray, fixed: bool) -> Counter:
+    """Operators of one evaluation step (``Agent.act``, as tc.evaluate runs it) on the first frames of ``episodes``."""
+    rows = demos.offsets[episodes]
+    enc = agent.encode_mission(torch.from_numpy(demos.missions[episodes]).long(), fixed)
+    state = agent.initial_state(len(episodes))
+    with Operators() as ops:
+        agent.act(torch.from_numpy(demos.images[rows]), None, enc, state, fixed=fixed)
+    return ops.counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,12 +118,22 @@ def main(argv: list[str] | None = None) -> None:
             }
             print(f"{case:18} {layout:9} {sum(per_step.values()):7.1f} operators/step "
                   f"{(saved8 - saved4) / (4 * args.rows) / 1e6:8.3f} MB saved/frame", flush=True)
+    for kind, use_thoughts in (("tc", True), ("bc", False)):
+        torch.manual_seed(0)
+        agent = Agent(ModelConfig(**dims, use_thoughts=use_thoughts)).eval()
+        for layout, fixed in (("eager", False), ("fixed", True)):
+            ops = act(agent, demos, episodes, fixed)
+            results[f"act_{kind}_{layout}"] = {"operators_per_step": sum(ops.values()),
+                                              "top_operators": dict(ops.most_common(12))}
+            print(f"act {kind:14} {layout:9} {sum(ops.values()):7.1f} operators/step", flush=True)
     out = Path(args.out) if args.out else ROOT / "benchmarks/results/step_kernels_cpu.json"
     write_json_atomic(out, {
         "benchmark": "step_kernels", "device": f"cpu: {platform.machine()}", "torch": torch.__version__,
         "model": dims, "rows": args.rows,
         "what": "per time step of a training chunk, forward + backward: non-view aten operators (each >= 1 CUDA "
-                "kernel launch) and bytes autograd saves for the backward pass per frame",
+                "kernel launch) and bytes autograd saves for the backward pass per frame; act_*: the operators of "
+                "one evaluation step (eager: thoughts decoded until every row's <eos>, here an untrained model's "
+                "16-word cap; fixed: the CUDA-graph path, always 16 words)",
         "results": results,
     })
     print(f"wrote {out}")

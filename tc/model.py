@@ -528,22 +528,29 @@ class ThoughtGenerator(nn.Module):
 
         <pad> and <bos> are never chosen. ``early_stop``: stop once every row has ended (a host
         synchronisation per word; without it, all max_len words are decoded, the same result).
+        A word is its embedding, the cell, the scores and their argmax: on a GPU each operator
+        is a launch, so the banned words are in the scores' bias and what follows a row's
+        <eos> becomes <pad> once, after the loop.
         """
-        n = h.shape[0]
-        out = h.new_full((n, self.cfg.max_thought_len), vocab.PAD, dtype=torch.long)
+        n, max_len = h.shape[0], self.cfg.max_thought_len
+        bias = self.decoder_out.bias.clone()
+        for banned in (vocab.PAD, vocab.BOS):  # fill_: no index or value tensor made on the host (CUDA graphs)
+            bias[banned].fill_(float("-inf"))
         tok = h.new_full((n,), vocab.BOS, dtype=torch.long)
-        done = torch.zeros(n, dtype=torch.bool, device=h.device)
-        for k in range(self.cfg.max_thought_len):
+        done = torch.zeros(n, dtype=torch.bool, device=h.device) if early_stop else None
+        words = []
+        for _ in range(max_len):
             h, c = self.decoder(embedding(tok), (h, c))
-            scores = self.decoder_out(h)
-            for banned in (vocab.PAD, vocab.BOS):  # fill_: no index or value tensor made on the host (CUDA graphs)
-                scores[:, banned].fill_(float("-inf"))
-            tok = scores.argmax(1)
-            out[:, k] = tok.masked_fill(done, vocab.PAD)
-            done = done | (tok == vocab.EOS)
-            if early_stop and bool(done.all()):
-                break
-        return out
+            tok = F.linear(h, self.decoder_out.weight, bias).argmax(1)
+            words.append(tok)
+            if early_stop:
+                done |= tok == vocab.EOS
+                if bool(done.all()):
+                    break
+        out = torch.stack(words, 1)
+        eos = out == vocab.EOS
+        out = out.masked_fill(eos.cumsum(1) > eos, vocab.PAD)  # an <eos> before this word
+        return F.pad(out, (0, max_len - out.shape[1]), value=vocab.PAD) if out.shape[1] < max_len else out
 
 
 class ActionGenerator(nn.Module):

@@ -151,6 +151,35 @@ def test_teacher_forced_decoding_equals_a_plain_loop(demos):
     torch.testing.assert_close(logits, torch.stack(expected), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("eos_bias", [0.25, 0.45])  # some rows reach the cap / all end by word 3
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_greedy_decoding_equals_a_plain_loop(eos_bias, early_stop):
+    """Batched greedy decoding writes each row's thought as a per-row loop does: the argmax
+    word but never <pad> or <bos>, up to its <eos> or the cap, then <pad>."""
+    agent = tiny_agent()
+    up, emb, cap = agent.upper, agent.perception.word_embedding, agent.cfg.max_thought_len
+    with torch.no_grad():
+        up.decoder_out.bias[vocab.EOS] = eos_bias  # thoughts of different lengths from random weights
+    torch.manual_seed(1)
+    h, c = torch.randn(8, 32), torch.randn(8, 32)
+    expected = []
+    with torch.no_grad():
+        for i in range(8):
+            hi, ci, word, row = h[i : i + 1], c[i : i + 1], vocab.BOS, []
+            while len(row) < cap and word != vocab.EOS:
+                hi, ci = up.decoder(emb(torch.tensor([word])), (hi, ci))
+                scores = up.decoder_out(hi)[0]
+                scores[[vocab.PAD, vocab.BOS]] = float("-inf")
+                word = int(scores.argmax())
+                row.append(word)
+            expected.append(row + [vocab.PAD] * (cap - len(row)))
+    out = up.decode_greedy(h, c, emb, early_stop=early_stop)
+    assert out.tolist() == expected
+    lengths = (out != vocab.PAD).sum(1)
+    assert len(set(lengths.tolist())) >= 3 and (lengths < cap).any()
+    assert (lengths == cap).any() == (eos_bias == 0.25)
+
+
 def test_thought_loss_trains_the_shared_perception(demos):
     """The thought NLL alone reaches the shared image stem, word embedding and mission GRU;
     the action generator gets nothing from it."""
