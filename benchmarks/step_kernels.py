@@ -11,8 +11,8 @@ dispatched other than views, and the bytes autograd keeps for the backward pass 
 (the activation memory of a chunk: rows x ``recurrence`` frames of it). Agents: TC
 teacher-forced, TC free-running, BC; layouts: the shrinking time-major one (eager
 training) and the padded one (``train.cuda_graphs``). Also one evaluation step
-(``Agent.act``) of TC and BC, eager and on the fixed-shape path of CUDA graphs. Paper size (image 128, memory
-2048, instr 256) unless ``--small``; BossLevel episodes of at least 8 steps. Counts are of
+(``Agent.act``) of TC and BC, eager and on the fixed-shape path of CUDA graphs. Paper size
+(image 128, memory 2048, instr 256) unless ``--small``; BossLevel episodes of at least 8 steps. Counts are of
 the CPU's operators: where a CPU kernel is a composite (the GRU that encodes generated
 thoughts), CUDA runs fewer, larger ones (cuDNN). Writes
 benchmarks/results/step_kernels_<device>.json.
