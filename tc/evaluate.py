@@ -199,14 +199,14 @@ def evaluate(
 @torch.inference_mode()
 def _add_rows(agent, enc, state, missions: list[str], device) -> tuple[dict, dict]:
     """The mission encodings and state rows with those of new episodes (zero memories) appended;
-    the word axis padded to the longer of the two (pad words are masked out)."""
+    the word axis padded to the longer of the two (what is added is padding: "pads" True there)."""
     new = agent.encode_mission(torch.from_numpy(vocab.encode_padded(missions)).long().to(device))
     fresh = agent.initial_state(len(missions), device)
     if enc is None:
         return new, fresh
     width = max(enc["words"].shape[1], new["words"].shape[1])
-    widen = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))  # noqa: E731
-    enc = {k: torch.cat([widen(enc[k]), widen(new[k])]) for k in enc}
+    widen = lambda t, pad: F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]), value=pad)  # noqa: E731
+    enc = {k: torch.cat([widen(enc[k], k == "pads"), widen(new[k], k == "pads")]) for k in enc}
     return enc, {k: torch.cat([state[k], fresh[k]]) for k in state}
 
 
@@ -239,7 +239,7 @@ class ActGraphs:
         n, width = images.shape[0], mission["words"].shape[1]
         pad = -width % self.WORDS
         live = {"images": images, "words": F.pad(mission["words"], (0, 0, 0, pad)),
-                "mask": F.pad(mission["mask"], (0, pad)), **{f"state.{k}": v for k, v in state.items()}}  # fmt: skip
+                "pads": F.pad(mission["pads"], (0, pad), value=True), **{f"state.{k}": v for k, v in state.items()}}  # fmt: skip
         if thoughts is not None:
             live["thoughts"] = thoughts
         key = (width + pad, None if thoughts is None else thoughts.shape[1])
@@ -263,7 +263,7 @@ class ActGraphs:
     def _capture(self, inputs: dict[str, torch.Tensor]) -> tuple:
         def step() -> dict[str, torch.Tensor]:
             state = {k.removeprefix("state."): v for k, v in inputs.items() if k.startswith("state.")}
-            out = self.agent.act(inputs["images"], None, {"words": inputs["words"], "mask": inputs["mask"]}, state,
+            out = self.agent.act(inputs["images"], None, {"words": inputs["words"], "pads": inputs["pads"]}, state,
                                  inputs.get("thoughts"), fixed=True)  # fmt: skip
             thoughts = {} if out.thoughts is None else {"thoughts": out.thoughts}
             return {"logits": out.logits, **thoughts, **{f"state.{k}": v for k, v in out.state.items()}}

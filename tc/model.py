@@ -159,6 +159,11 @@ class BatchNorm2d(nn.BatchNorm2d):
     step) folds the statistics of all the update's frames into the running ones.
     ``all_reduce`` sums the statistics, and their gradient's sums, over data-parallel
     ranks (tc.distributed); None: one process.
+
+    With one process, eager calls keep their statistics in ``pending`` and :meth:`fold` adds
+    them all to ``update_sums`` at the end of the agent's forward pass (and at
+    :meth:`commit`): adding them at every call would take 5 operators (each a kernel launch
+    on a GPU) per call, 6 calls per TC time step; the fold takes ~10 per forward pass.
     """
 
     all_reduce = None
@@ -166,6 +171,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int):
         super().__init__(num_features)
         self.register_buffer("update_sums", torch.zeros(2 * num_features + 1, dtype=torch.float64), persistent=False)
+        self.pending: list[tuple[Tensor, Tensor, int | Tensor]] = []  # (mean, var, count) of calls not yet folded
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         """``valid`` bool [N]: the rows whose statistics count (fixed-shape chunks, tc.train.Padding);
@@ -189,8 +195,10 @@ class BatchNorm2d(nn.BatchNorm2d):
                     coef = valid[:, None, None, None] / count.clamp(min=1)
                     mean = (xf * coef).sum(dims)
                     var = ((xf - mean[:, None, None]).square() * coef).sum(dims)
-                self.update_sums[: 2 * c].add_(torch.cat([mean, torch.addcmul(var, mean, mean)]) * count)
-                self.update_sums[2 * c :].add_(count)
+                if torch.compiler.is_compiling():  # compiled (train.compile): the update fuses with the step's kernels
+                    self._add(mean[None], var[None], count)
+                else:
+                    self.pending.append((mean, var, count))
             else:
                 # Data-parallel: the sums of x and x^2 over all ranks' rows, in float64, where
                 # E[x^2] - E[x]^2 loses nothing.
@@ -209,9 +217,33 @@ class BatchNorm2d(nn.BatchNorm2d):
                 mean, coef = mean.to(dtype), (1 / n if valid is None else valid[:, None, None, None] / n).to(dtype)
         return _Normalise.apply(x, self.weight, self.bias, mean, torch.rsqrt(var + self.eps), coef, self.all_reduce)
 
+    def _add(self, means: Tensor, variances: Tensor, counts: int | Tensor) -> None:
+        """Add the statistics of calls (``means``, ``variances`` [calls, C], frames ``counts``: one
+        number, or [calls]) to ``update_sums``: the sums of x and x^2 and the frames."""
+        c = self.num_features
+        weight = counts.reshape(-1, 1) if isinstance(counts, Tensor) else counts
+        terms = torch.cat([means, torch.addcmul(variances, means, means)], 1) * weight  # float32, as per call
+        self.update_sums[: 2 * c].add_(terms.sum(0, dtype=torch.float64))
+        self.update_sums[2 * c :].add_(counts.sum(dtype=torch.float64) if isinstance(counts, Tensor) else counts)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Add the statistics of the calls in ``pending`` to ``update_sums``, in one pass."""
+        if not self.pending:
+            return
+        means, variances, counts = zip(*self.pending)
+        self.pending = []
+        means, variances = torch.stack(means), torch.stack(variances)
+        if all(isinstance(n, int) for n in counts):  # the shrinking layout: one copy to the device
+            counts = torch.tensor(counts, dtype=means.dtype, device=means.device)
+        else:
+            counts = torch.stack([torch.as_tensor(n, dtype=means.dtype, device=means.device) for n in counts])
+        self._add(means, variances, counts)
+
     @torch.no_grad()
     def commit(self) -> None:
         """Fold the frames seen since the last commit into the running statistics (unbiased variance)."""
+        self.fold()
         c, n = self.num_features, self.update_sums[-1]
         if n > 1:
             mean = self.update_sums[:c] / n
@@ -226,6 +258,12 @@ def commit_batchnorm(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, BatchNorm2d):
             m.commit()
+
+
+def fold_batchnorm(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, BatchNorm2d):
+            m.fold()
 
 
 def conv_bn(dim: int) -> list[nn.Module]:
@@ -277,10 +315,11 @@ def film_pool(films: nn.ModuleList, modulation: TapedLinear, x: Tensor, cond: Te
     return films[1](films[0](x, gamma0, beta0, feats, valid), gamma1, beta1, None, valid).amax((2, 3))
 
 
-def attend(key: Tensor, words: Tensor, mask: Tensor, dropout: float, training: bool) -> Tensor:
-    """Scaled dot-product attention of one query per row over its words: [n, d] x [n, L, d] -> [n, d]."""
+def attend(key: Tensor, words: Tensor, pads: Tensor, dropout: float, training: bool) -> Tensor:
+    """Scaled dot-product attention of one query per row over its words (``pads``: True at padding):
+    [n, d] x [n, L, d] -> [n, d]."""
     scores = torch.bmm(words, key.unsqueeze(2)).squeeze(2) / math.sqrt(key.shape[1])
-    weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(1), dropout, training)
+    weights = F.dropout(scores.masked_fill(pads, float("-inf")).softmax(1), dropout, training)
     return torch.bmm(weights.unsqueeze(1), words).squeeze(1)
 
 
@@ -311,14 +350,14 @@ class ReferBlock(nn.Module):
         B, L, d = words.shape
         return self.key(words).view(B, L, self.heads, d // self.heads), self.value(words).view(B, L, self.heads, d // self.heads)
 
-    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, pads: Tensor,
                 linears: tuple[TapedLinear, ...]) -> Tensor:  # fmt: skip
         """``linears``: :meth:`taped`, made once per forward pass and used at every step."""
         to_query, out, ff1, ff2 = linears
         n, d = query.shape
         q = to_query(query).view(n, self.heads, d // self.heads)
         scores = torch.einsum("nhk,nlhk->nhl", q, keys) / math.sqrt(q.shape[2])
-        weights = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(2)
+        weights = scores.masked_fill(pads[:, None, :], float("-inf")).softmax(2)
         weights = F.dropout(weights, self.attn_dropout, self.training)
         ctx = torch.einsum("nhl,nlhk->nhk", weights, values).reshape(n, d)
         x = self.norm1(F.dropout(out(ctx), self.dropout, self.training) + query)
@@ -351,8 +390,9 @@ class Perception(nn.Module):
         return x
 
     def words(self, tokens: Tensor, thoughts: bool, fixed: bool = False) -> tuple[Tensor, Tensor]:
-        """tokens long [N, L] -> (encodings [N, L, d], mask bool [N, L]); packed, so padding
-        leaks into neither direction; pad positions are zero. Computed once per distinct row.
+        """tokens long [N, L] -> (encodings [N, L, d], pads bool [N, L], True at padding: what the
+        attentions leave out, as it is, with no per-step inversion); packed, so padding leaks
+        into neither direction; pad positions are zero. Computed once per distinct row.
 
         ``fixed``: the same encodings with no host synchronisation and shapes that depend on
         [N, L] alone (CUDA graphs): every row is encoded, and instead of packing, the GRU reads
@@ -362,23 +402,23 @@ class Perception(nn.Module):
         rnn = self.thought_rnn if thoughts else self.mission_rnn
         if fixed:
             n, length = tokens.shape
-            mask = tokens != vocab.PAD
-            shift = length - mask.sum(1, keepdim=True)
+            pads = tokens == vocab.PAD
+            shift = pads.sum(1, keepdim=True)
             pos = torch.arange(length, device=tokens.device)[None, :]
             rolled = tokens.gather(1, (pos - shift) % length)  # row i: its pads, then its words
             out, _ = rnn(self.word_embedding(torch.cat([tokens, rolled])))
             half = out.shape[2] // 2
             back = out[n:, :, half:].gather(1, ((pos + shift) % length)[:, :, None].expand(n, length, half))
-            return torch.cat([out[:n, :, :half], back], 2) * mask.unsqueeze(2), mask
+            return torch.cat([out[:n, :, :half], back], 2).masked_fill(pads.unsqueeze(2), 0), pads
         uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
         mask = uniq != vocab.PAD
         emb = self.word_embedding(uniq)
         if uniq.shape[0] == 0:  # a data-parallel rank without rows: packing refuses them
-            return emb[inverse], mask[inverse]
+            return emb[inverse], ~mask[inverse]
         lengths = mask.sum(1).clamp(min=1).cpu()
         out, _ = rnn(pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False))
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
-        return (out * mask.unsqueeze(2))[inverse], mask[inverse]
+        return (out * mask.unsqueeze(2))[inverse], ~mask[inverse]
 
 
 # ----------------------------------------------------------------------------- levels
@@ -416,12 +456,12 @@ class ThoughtGenerator(nn.Module):
 
         ``thoughts`` [N, L]: the thoughts to push into the history (teacher forcing, oracle,
         steering); None: the level's own greedy thoughts (free running). Returns (thoughts,
-        their word encodings and mask, memory h and c of every row, new state). ``valid``:
+        their word encodings and pads, memory h and c of every row, new state). ``valid``:
         see :meth:`Agent.forward`.
         """
         fixed = valid is not None
         feats = self.films[0].features(x0, valid)  # independent of the recurrence: all rows at once
-        words, mask = mission["words"], mission["mask"]
+        words, pads = mission["words"], mission["pads"]
         kvs = [blk.keys_values(words) for blk in self.refer]
         memory, history = TapedLSTMCell(self.memory, self.pointwise), TapedLSTMCell(self.history, self.pointwise)
         to_query, to_key, to_thought_key = (TapedLinear(m) for m in (self.history_to_query, self.memory_to_key,
@@ -430,8 +470,8 @@ class ThoughtGenerator(nn.Module):
         linears = (*(blk.taped(tape) for blk in self.refer), film_modulation(self.films, tape))
         given = thoughts is not None
         if given:
-            t_words, t_mask = perception.words(thoughts, True, fixed)  # all rows at once
-            steps = per_step(sizes, x0, feats, valid, t_words, t_mask)
+            t_words, t_pads = perception.words(thoughts, True, fixed)  # all rows at once
+            steps = per_step(sizes, x0, feats, valid, t_words, t_pads)
         else:
             steps = per_step(sizes, x0, feats, valid)
         h, c, hh, hc = state["up_h"], state["up_c"], state["hist_h"], state["hist_c"]
@@ -439,7 +479,7 @@ class ThoughtGenerator(nn.Module):
         for t, (n, x0_n, feats_n, valid_n, *thought_n) in enumerate(steps):
             h, c, hh, hc = first_rows(n, h, c, hh, hc)
             x = self.condition(to_query(memory_input(hh, hc)), to_key(memory_input(h, c)),
-                               *first_rows(n, *(part for kv in kvs for part in kv), words, mask), x0_n, feats_n,
+                               *first_rows(n, *(part for kv in kvs for part in kv), words, pads), x0_n, feats_n,
                                valid_n, linears)
             h, c = memory(x, h, c)
             if not given:
@@ -453,13 +493,13 @@ class ThoughtGenerator(nn.Module):
             hs.append(h)
             cs.append(c)
         if not given:
-            thoughts, t_words, t_mask = (torch.cat(parts) for parts in zip(*generated))
+            thoughts, t_words, t_pads = (torch.cat(parts) for parts in zip(*generated))
         new_state = {"up_h": h, "up_c": c, "hist_h": hh, "hist_c": hc}
-        return thoughts, t_words, t_mask, torch.cat(hs), torch.cat(cs), new_state
+        return thoughts, t_words, t_pads, torch.cat(hs), torch.cat(cs), new_state
 
     def condition(
         self, query: Tensor, key: Tensor, k0: Tensor, v0: Tensor, k1: Tensor, v1: Tensor, words: Tensor,
-        mask: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None, linears: tuple,
+        pads: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None, linears: tuple,
     ) -> Tensor:
         """One step's memory input: the REFER blocks (keys and values ``k0, v0, k1, v1``) and the
         mission attention give the FiLM conditioning of the image; pooled [n, image_dim].
@@ -468,13 +508,13 @@ class ThoughtGenerator(nn.Module):
         """
         *refer, modulation = linears
         for blk, k, v, lin in zip(self.refer, (k0, k1), (v0, v1), refer):
-            query = blk(query, k, v, mask, lin)
-        cond = query + attend(key, words, mask, self.cfg.attn_dropout, self.training)
+            query = blk(query, k, v, pads, lin)
+        cond = query + attend(key, words, pads, self.cfg.attn_dropout, self.training)
         return film_pool(self.films, modulation, x0, cond, feats, valid)
 
-    def attend(self, key: Tensor, words: Tensor, mask: Tensor) -> Tensor:
+    def attend(self, key: Tensor, words: Tensor, pads: Tensor) -> Tensor:
         """Attention over a thought's words (compiled with :meth:`condition`)."""
-        return attend(key, words, mask, self.cfg.attn_dropout, self.training)
+        return attend(key, words, pads, self.cfg.attn_dropout, self.training)
 
     def decode_teacher_forced(self, h: Tensor, c: Tensor, targets: Tensor, embedding: nn.Embedding) -> Tensor:
         """Logits [K, vocab] of each of the K words (and <eos>) of ``targets`` [N, L], in the order of
@@ -572,7 +612,7 @@ class ActionGenerator(nn.Module):
 
     def forward(
         self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
-        thought_words: Tensor | None = None, thought_mask: Tensor | None = None, valid: Tensor | None = None,
+        thought_words: Tensor | None = None, thought_pads: Tensor | None = None, valid: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Action logits [N, 7] for the time-major rows (image features ``x0``); new state.
         ``valid``: see :meth:`Agent.forward`."""
@@ -583,20 +623,20 @@ class ActionGenerator(nn.Module):
                    TapedLinear(self.thought_proj, tape=tape) if self.thought_proj is not None else None,
                    film_modulation(self.films, tape))
         thinking = thought_words is not None
-        steps = per_step(sizes, x0, feats, valid, *((thought_words, thought_mask) if thinking else ()))
+        steps = per_step(sizes, x0, feats, valid, *((thought_words, thought_pads) if thinking else ()))
         h, c = state["low_h"], state["low_c"]
         outs = []
         for n, x0_n, feats_n, valid_n, *thought_n in steps:
             h, c = first_rows(n, h, c)
-            x = self.condition(to_keys(memory_input(h, c)), *first_rows(n, mission["words"], mission["mask"]), x0_n,
+            x = self.condition(to_keys(memory_input(h, c)), *first_rows(n, mission["words"], mission["pads"]), x0_n,
                                feats_n, valid_n, linears, *thought_n)
             h, c = memory(x, h, c)
             outs.append(h)
         return self.actor(torch.cat(outs)), {"low_h": h, "low_c": c}
 
     def condition(
-        self, keys: Tensor, words: Tensor, mask: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None,
-        linears: tuple, thought_words: Tensor | None = None, thought_mask: Tensor | None = None,
+        self, keys: Tensor, words: Tensor, pads: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None,
+        linears: tuple, thought_words: Tensor | None = None, thought_pads: Tensor | None = None,
     ) -> Tensor:
         """One step's memory input: the mission (and thought) attentions keyed by ``keys`` give the
         FiLM conditioning of the image; pooled [n, image_dim]. ``linears``: the mission and thought
@@ -605,9 +645,9 @@ class ActionGenerator(nn.Module):
         p, d = self.cfg.attn_dropout, self.cfg.instr_dim
         mission_proj, thought_proj, modulation = linears
         *thought_key, mission_key = keys.split(d, 1)  # split: its backward is one cat, a slice's a zero-fill
-        cond = mission_proj(attend(mission_key, words, mask, p, self.training))
+        cond = mission_proj(attend(mission_key, words, pads, p, self.training))
         if thought_words is not None:
-            cond = cond + thought_proj(attend(thought_key[0], thought_words, thought_mask, p, self.training))
+            cond = cond + thought_proj(attend(thought_key[0], thought_words, thought_pads, p, self.training))
         return film_pool(self.films, modulation, x0, cond, feats, valid)
 
 
@@ -655,8 +695,8 @@ class Agent(nn.Module):
     def encode_mission(self, missions: Tensor, fixed: bool = False) -> dict[str, Tensor]:
         """Word encodings of the missions [B, M] (once per episode), batch-first; ``fixed``: see
         :meth:`Perception.words`."""
-        words, mask = self.perception.words(missions.long(), False, fixed)
-        return {"words": words, "mask": mask}
+        words, pads = self.perception.words(missions.long(), False, fixed)
+        return {"words": words, "pads": pads}
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """Zero memories (and, for TC, an empty thought history), batch-first."""
@@ -682,17 +722,19 @@ class Agent(nn.Module):
         encodings must be fixed-shape too: ``encode_mission(..., fixed=True)``.
         """
         x0 = self.perception.image(images, valid)
-        thought_logits = t_words = t_mask = None
+        thought_logits = t_words = t_pads = None
         new_state: dict[str, Tensor] = {}
         if self.upper is not None:
-            thoughts, t_words, t_mask, h, c, new_state = self.upper(x0, sizes, mission, state, thoughts, self.perception,
+            thoughts, t_words, t_pads, h, c, new_state = self.upper(x0, sizes, mission, state, thoughts, self.perception,
                                                                     valid)
             if targets is not None:
                 decode = self.upper.decode_teacher_forced if valid is None else self.upper.decode_all_positions
                 thought_logits = decode(h, c, targets, self.perception.word_embedding)
         else:
             thoughts = None
-        logits, low_state = self.lower(x0, sizes, mission, state, t_words, t_mask, valid)
+        logits, low_state = self.lower(x0, sizes, mission, state, t_words, t_pads, valid)
+        if self.training:
+            fold_batchnorm(self)  # inside the forward pass, so that a CUDA graph of it records the fold too
         return AgentOutput(logits, thoughts, thought_logits, {**new_state, **low_state})
 
     @torch.no_grad()

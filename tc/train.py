@@ -447,6 +447,9 @@ class ChunkGraphs:
                           file=sys.stderr)
                     for t in self._accumulated():  # this batch again, from its start
                         t.zero_()
+                    for m in self.agent.modules():  # and without the statistics of the failed forward pass
+                        if isinstance(m, BatchNorm2d):
+                            m.pending.clear()
                     return run_batch(self.agent, batch, self.cfg, true_thoughts, self.amp, self.scale)
             inputs, state, outputs, replay = self.graphs[key]
             for k, v in chunk.items():

@@ -90,9 +90,10 @@ def test_fixed_word_encoding_equals_packed_one():
     agent = Agent(ModelConfig(**MODEL))
     tokens = torch.tensor([[5, 9, 2, 0, 0], [7, 2, 0, 0, 0], [4, 4, 4, 6, 2], [5, 9, 2, 0, 0]])
     for thoughts in (True, False):
-        words, mask = agent.perception.words(tokens, thoughts)
-        fixed_words, fixed_mask = agent.perception.words(tokens, thoughts, fixed=True)
-        assert torch.equal(mask, fixed_mask)
+        words, pads = agent.perception.words(tokens, thoughts)
+        fixed_words, fixed_pads = agent.perception.words(tokens, thoughts, fixed=True)
+        assert torch.equal(pads, tokens == vocab.PAD) and torch.equal(fixed_pads, pads)
+        assert not words[pads].any() and not fixed_words[pads].any()
         torch.testing.assert_close(fixed_words, words, rtol=1e-5, atol=1e-6)
 
 
