@@ -148,6 +148,35 @@ class _Normalise(torch.autograd.Function):
         return dx.to(x.dtype), d_weight, d_bias, None, None, None, None
 
 
+class Counted(NamedTuple):
+    """The rows of a fixed-shape chunk (tc.train.Padding) that BatchNorm's statistics count, with
+    what its calls derive from them, made once per forward pass for all the chunk's steps and not
+    at each of a step's 6 BatchNorm calls (4 operators each, a kernel launch each on a GPU).
+
+    ``valid`` bool [n]; ``coef`` [n, 1, 1, 1], a row's weight in a mean over the counted rows of
+    its step and their ``pixels`` (0: not counted); ``count`` [1], the pixels counted.
+    """
+
+    valid: Tensor
+    coef: Tensor
+    count: Tensor
+    pixels: int
+
+    @classmethod
+    def of(cls, valid: Tensor, steps: int, pixels: int, dtype: torch.dtype) -> Counted:
+        """``valid`` [steps * n], time-major, each step's rows counted over that step."""
+        rows = valid.view(steps, -1)
+        count = rows.sum(1, dtype=dtype) * pixels
+        return cls(valid, (rows / count.clamp(min=1)[:, None]).view(-1, 1, 1, 1), count, pixels)
+
+    def split(self, sizes: list[int]) -> list[Counted]:
+        """Per step (tc.kernels.per_step), each step one of :meth:`of`'s ``steps``."""
+        if len(sizes) != self.count.shape[0] or len(set(sizes)) > 1:
+            raise ValueError(f"Counted rows of {self.count.shape[0]} equal steps, split into {sizes}")
+        parts = zip(self.valid.split(sizes), self.coef.split(sizes), self.count.split(1))
+        return [Counted(*part, self.pixels) for part in parts]
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose running statistics weigh every training frame of an update the same.
 
@@ -173,9 +202,10 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("update_sums", torch.zeros(2 * num_features + 1, dtype=torch.float64), persistent=False)
         self.pending: list[tuple[Tensor, Tensor, int | Tensor]] = []  # (mean, var, count) of calls not yet folded
 
-    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
-        """``valid`` bool [N]: the rows whose statistics count (fixed-shape chunks, tc.train.Padding);
-        the other rows are normalised with them but add nothing. None: every row."""
+    def forward(self, x: Tensor, valid: Tensor | Counted | None = None) -> Tensor:
+        """``valid`` bool [N] or :class:`Counted`: the rows whose statistics count (fixed-shape
+        chunks, tc.train.Padding); the other rows are normalised with them but add nothing.
+        None: every row."""
         if not self.training:
             return super().forward(x)
         c, dims = self.num_features, (0, 2, 3)
@@ -191,8 +221,12 @@ class BatchNorm2d(nn.BatchNorm2d):
                     coef = 1 / count
                     var, mean = torch.var_mean(xf, dims, correction=0)  # one fused reduction
                 else:
-                    count = valid.sum(dtype=dtype) * (x.shape[2] * x.shape[3])
-                    coef = valid[:, None, None, None] / count.clamp(min=1)
+                    pixels = x.shape[2] * x.shape[3]
+                    if not isinstance(valid, Counted):
+                        valid = Counted.of(valid, 1, pixels, dtype)
+                    elif valid.pixels != pixels:
+                        raise ValueError(f"Counted rows of {valid.pixels} pixels for maps of {pixels}")
+                    count, coef = valid.count, valid.coef
                     mean = (xf * coef).sum(dims)
                     var = ((xf - mean[:, None, None]).square() * coef).sum(dims)
                 if torch.compiler.is_compiling():  # compiled (train.compile): the update fuses with the step's kernels
@@ -203,6 +237,7 @@ class BatchNorm2d(nn.BatchNorm2d):
                 # Data-parallel: the sums of x and x^2 over all ranks' rows, in float64, where
                 # E[x^2] - E[x]^2 loses nothing.
                 x64 = x.double()
+                valid = valid.valid if isinstance(valid, Counted) else valid
                 if valid is None:
                     count = x.new_full((1,), x.numel() // c, dtype=torch.float64)
                     weighted = x64
@@ -260,6 +295,11 @@ def commit_batchnorm(module: nn.Module) -> None:
             m.commit()
 
 
+def all_rows(valid: Tensor | Counted | None) -> Tensor | None:
+    """The bool rows of ``valid``, for a call over all the rows of a chunk at once."""
+    return valid.valid if isinstance(valid, Counted) else valid
+
+
 def fold_batchnorm(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, BatchNorm2d):
@@ -285,11 +325,11 @@ class FiLMBlock(nn.Module):
         self.gamma = nn.Linear(cond_dim, dim)
         self.beta = nn.Linear(cond_dim, dim)
 
-    def features(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+    def features(self, x: Tensor, valid: Tensor | Counted | None = None) -> Tensor:
         return self.conv2(F.relu(self.bn1(self.conv1(x), valid)))
 
     def forward(self, x: Tensor, gamma: Tensor, beta: Tensor, feats: Tensor | None = None,
-                valid: Tensor | None = None) -> Tensor:  # fmt: skip
+                valid: Tensor | Counted | None = None) -> Tensor:  # fmt: skip
         """``gamma``, ``beta`` [n, dim, 1, 1]: this block's maps of the conditioning (:func:`film_pool`)."""
         feats = self.features(x, valid) if feats is None else feats
         out = feats * gamma + beta
@@ -304,7 +344,7 @@ def film_modulation(films: nn.ModuleList, tape: bool) -> TapedLinear:
 
 
 def film_pool(films: nn.ModuleList, modulation: TapedLinear, x: Tensor, cond: Tensor, feats: Tensor,
-              valid: Tensor | None = None) -> Tensor:  # fmt: skip
+              valid: Tensor | Counted | None = None) -> Tensor:  # fmt: skip
     """Both FiLM blocks (the first one's convolutions precomputed, their maps of ``cond`` from
     :func:`film_modulation`), then the 7x7 max-pool.
 
@@ -450,17 +490,17 @@ class ThoughtGenerator(nn.Module):
 
     def forward(
         self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
-        thoughts: Tensor | None, perception: Perception, valid: Tensor | None = None,
+        thoughts: Tensor | None, perception: Perception, valid: Tensor | Counted | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """Step through the time-major rows ``x0`` (image features).
 
         ``thoughts`` [N, L]: the thoughts to push into the history (teacher forcing, oracle,
         steering); None: the level's own greedy thoughts (free running). Returns (thoughts,
         their word encodings and pads, memory h and c of every row, new state). ``valid``:
-        see :meth:`Agent.forward`.
+        see :meth:`Agent.forward` (in training, :class:`Counted` per step).
         """
         fixed = valid is not None
-        feats = self.films[0].features(x0, valid)  # independent of the recurrence: all rows at once
+        feats = self.films[0].features(x0, all_rows(valid))  # independent of the recurrence: all rows at once
         words, pads = mission["words"], mission["pads"]
         kvs = [blk.keys_values(words) for blk in self.refer]
         memory, history = TapedLSTMCell(self.memory, self.pointwise), TapedLSTMCell(self.history, self.pointwise)
@@ -499,7 +539,7 @@ class ThoughtGenerator(nn.Module):
 
     def condition(
         self, query: Tensor, key: Tensor, k0: Tensor, v0: Tensor, k1: Tensor, v1: Tensor, words: Tensor,
-        pads: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None, linears: tuple,
+        pads: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | Counted | None, linears: tuple,
     ) -> Tensor:
         """One step's memory input: the REFER blocks (keys and values ``k0, v0, k1, v1``) and the
         mission attention give the FiLM conditioning of the image; pooled [n, image_dim].
@@ -612,11 +652,12 @@ class ActionGenerator(nn.Module):
 
     def forward(
         self, x0: Tensor, sizes: list[int], mission: dict[str, Tensor], state: dict[str, Tensor],
-        thought_words: Tensor | None = None, thought_pads: Tensor | None = None, valid: Tensor | None = None,
+        thought_words: Tensor | None = None, thought_pads: Tensor | None = None,
+        valid: Tensor | Counted | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Action logits [N, 7] for the time-major rows (image features ``x0``); new state.
-        ``valid``: see :meth:`Agent.forward`."""
-        feats = self.films[0].features(x0, valid)  # independent of the memory: all rows at once
+        ``valid``: see :meth:`Agent.forward` (in training, :class:`Counted` per step)."""
+        feats = self.films[0].features(x0, all_rows(valid))  # independent of the memory: all rows at once
         memory, to_keys = TapedLSTMCell(self.memory, self.pointwise), TapedLinear(self.memory_to_keys)
         tape = self.tape_condition
         linears = (TapedLinear(self.mission_proj, tape=tape),
@@ -635,7 +676,7 @@ class ActionGenerator(nn.Module):
         return self.actor(torch.cat(outs)), {"low_h": h, "low_c": c}
 
     def condition(
-        self, keys: Tensor, words: Tensor, pads: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | None,
+        self, keys: Tensor, words: Tensor, pads: Tensor, x0: Tensor, feats: Tensor, valid: Tensor | Counted | None,
         linears: tuple, thought_words: Tensor | None = None, thought_pads: Tensor | None = None,
     ) -> Tensor:
         """One step's memory input: the mission (and thought) attentions keyed by ``keys`` give the
@@ -722,17 +763,21 @@ class Agent(nn.Module):
         encodings must be fixed-shape too: ``encode_mission(..., fixed=True)``.
         """
         x0 = self.perception.image(images, valid)
+        steps_valid = valid
+        if valid is not None and self.training:  # what BatchNorm's calls at every step derive from it, once
+            dtype = torch.promote_types(x0.dtype, self.perception.image_embedding.weight.dtype)  # BatchNorm's (float32 under autocast)
+            steps_valid = Counted.of(valid, len(sizes), images.shape[1] * images.shape[2], dtype)
         thought_logits = t_words = t_pads = None
         new_state: dict[str, Tensor] = {}
         if self.upper is not None:
             thoughts, t_words, t_pads, h, c, new_state = self.upper(x0, sizes, mission, state, thoughts, self.perception,
-                                                                    valid)
+                                                                    steps_valid)
             if targets is not None:
                 decode = self.upper.decode_teacher_forced if valid is None else self.upper.decode_all_positions
                 thought_logits = decode(h, c, targets, self.perception.word_embedding)
         else:
             thoughts = None
-        logits, low_state = self.lower(x0, sizes, mission, state, t_words, t_pads, valid)
+        logits, low_state = self.lower(x0, sizes, mission, state, t_words, t_pads, steps_valid)
         if self.training:
             fold_batchnorm(self)  # inside the forward pass, so that a CUDA graph of it records the fold too
         return AgentOutput(logits, thoughts, thought_logits, {**new_state, **low_state})

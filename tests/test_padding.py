@@ -139,6 +139,38 @@ def test_chunk_graphs_train_as_eager(demos, use_thoughts, compiled):
         torch.testing.assert_close(graphed_weights[name], eager_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_failed_capture_trains_the_batch_eagerly_from_its_start(demos, capsys):
+    # The first capture fails in the lower level, after the upper level's BatchNorm calls: the
+    # batch is trained eagerly from its start, with none of the failed pass's statistics.
+    def update(runner_of):
+        torch.manual_seed(0)
+        agent = Agent(ModelConfig(**MODEL)).train()
+        cfg = TrainConfig(batch_size=6, recurrence=4, device="cpu")
+        scale, optimizer = loss_scale(demos, cfg), torch.optim.SGD(agent.parameters(), lr=0.1)
+        runner = runner_of(agent, cfg, scale)
+        sums = train_update(agent, optimizer, make_batch(demos, np.arange(6), torch.device("cpu"),
+                                                         padding=Padding.of(demos, cfg)), cfg, True, False, scale, runner)
+        return sums, runner, agent.state_dict()
+
+    def failing(agent, cfg, scale):
+        lower = agent.lower.forward
+
+        def fail_once(*args, **kwargs):
+            agent.lower.forward = lower
+            raise RuntimeError("capture failed\nsecond line")
+
+        agent.lower.forward = fail_once
+        return ChunkGraphs(agent, cfg, scale, False)
+
+    eager_sums, _, eager_weights = update(lambda agent, cfg, scale: None)
+    sums, runner, weights = update(failing)
+    assert runner.problem == "RuntimeError: capture failed"
+    assert "capturing a chunk failed (RuntimeError: capture failed); training eagerly" in capsys.readouterr().err
+    assert sums == pytest.approx(eager_sums, rel=1e-6)
+    for name in eager_weights:  # the BatchNorm running statistics among them
+        torch.testing.assert_close(weights[name], eager_weights[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_cuda_graphs_off_cuda_warn_and_train_eagerly(tmp_path, demos, capsys):
     cfg = TrainConfig(epochs=1, episodes_per_epoch=6, batch_size=3, recurrence=4, warmup_epochs=0, lr_halve_epoch=None,
                       val_episodes=0, device="cpu", threads=1)
