@@ -192,7 +192,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     With one process, eager calls keep their statistics in ``pending`` and :meth:`fold` adds
     them all to ``update_sums`` at the end of the agent's forward pass (and at
     :meth:`commit`): adding them at every call would take 5 operators (each a kernel launch
-    on a GPU) per call, 6 calls per TC time step; the fold takes ~10 per forward pass.
+    on a GPU) per call, 6 calls per TC time step; the fold takes ~10 per module and pass.
     """
 
     all_reduce = None
@@ -430,9 +430,9 @@ class Perception(nn.Module):
         return x
 
     def words(self, tokens: Tensor, thoughts: bool, fixed: bool = False) -> tuple[Tensor, Tensor]:
-        """tokens long [N, L] -> (encodings [N, L, d], pads bool [N, L], True at padding: what the
-        attentions leave out, as it is, with no per-step inversion); packed, so padding leaks
-        into neither direction; pad positions are zero. Computed once per distinct row.
+        """tokens long [N, L] -> (encodings [N, L, d], pads bool [N, L]: True at padding, the form
+        the attentions' masked_fill takes, so no step inverts it); packed, so padding leaks into
+        neither direction; pad positions are zero. Computed once per distinct row.
 
         ``fixed``: the same encodings with no host synchronisation and shapes that depend on
         [N, L] alone (CUDA graphs): every row is encoded, and instead of packing, the GRU reads
