@@ -177,6 +177,11 @@ class Counted(NamedTuple):
         return [Counted(*part, self.pixels) for part in parts]
 
 
+def all_rows(valid: Tensor | Counted | None) -> Tensor | None:
+    """The bool rows of ``valid``, for a call over all the rows of a chunk at once."""
+    return valid.valid if isinstance(valid, Counted) else valid
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose running statistics weigh every training frame of an update the same.
 
@@ -237,7 +242,7 @@ class BatchNorm2d(nn.BatchNorm2d):
                 # Data-parallel: the sums of x and x^2 over all ranks' rows, in float64, where
                 # E[x^2] - E[x]^2 loses nothing.
                 x64 = x.double()
-                valid = valid.valid if isinstance(valid, Counted) else valid
+                valid = all_rows(valid)
                 if valid is None:
                     count = x.new_full((1,), x.numel() // c, dtype=torch.float64)
                     weighted = x64
@@ -293,11 +298,6 @@ def commit_batchnorm(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, BatchNorm2d):
             m.commit()
-
-
-def all_rows(valid: Tensor | Counted | None) -> Tensor | None:
-    """The bool rows of ``valid``, for a call over all the rows of a chunk at once."""
-    return valid.valid if isinstance(valid, Counted) else valid
 
 
 def fold_batchnorm(module: nn.Module) -> None:
