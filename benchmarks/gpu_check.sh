@@ -6,10 +6,12 @@
 #      evaluation steps), 60 s;
 #   2. training throughput, TC at batch 180: the public code, ours eager and with CUDA graphs, in
 #      fp32, TF32 and AMP, 240 s;
-#   3. evaluation throughput (environment workers, CUDA graphs, both), 70 s;
-#   4. the CUDA tests of torch.compile (compiled steps, compiled steps inside the graphs), 90 s;
-#   5. training throughput with compiled steps, with and without graphs, fp32, 90 s.
-# Not yet run: the limits are estimates (parts 4 and 5: on the CPU, tests/test_compile.py takes 88 s on the code of
+#   3. free-running training throughput (teacher forcing off: ~47% of a paper run's batches), TC at batch 180,
+#      fp32: the public code, ours eager and with CUDA graphs, 110 s;
+#   4. evaluation throughput (environment workers, CUDA graphs, both), 70 s;
+#   5. the CUDA tests of torch.compile (compiled steps, compiled steps inside the graphs), 90 s;
+#   6. training throughput with compiled steps, with and without graphs, fp32, what is left of the 600 s.
+# Not yet run: the limits are estimates (parts 5 and 6: on the CPU, tests/test_compile.py takes 88 s on the code of
 # stop 23; 83 s on stop 22's, 147 s and 77 s on earlier code). The benchmarks rewrite their JSON after every measurement,
 # so a part stopped by its limit keeps what it measured. Results land in $OUT.
 #
@@ -36,7 +38,12 @@ timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not c
 timeout 240 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
   --demos /tmp/boss400 --compile none --cuda-graphs --public "$PWD/.whl/public_tc/bench_public.py" \
   --out "$OUT/train_throughput_cuda.json" 2>&1 | tail -12
-pkill -f "benchmarks/train_throughput.py" || true  # a measurement process left by the limit would hold the GPU
+pkill -f "benchmarks/train_throughput.py|bench_public.py" || true  # a measurement process left by the limit would hold the GPU
+
+timeout 110 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 2 \
+  --demos /tmp/boss400 --precisions fp32 --teacher-forcing off --compile none --cuda-graphs \
+  --public "$PWD/.whl/public_tc/bench_public.py" --out "$OUT/train_throughput_cuda_free_running.json" 2>&1 | tail -6
+pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
 
 timeout 70 python3 benchmarks/eval_throughput.py --device cuda --params params-gpu.yaml --level BabyAI-BossLevel-v0 \
   --modes tc oracle --batch-sizes 64 --threads 1 --episodes 64 --max-steps 32 --repeats 2 --workers 8 --cuda-graphs \
@@ -48,4 +55,4 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "compi
 timeout 90 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
   --demos /tmp/boss400 --precisions fp32 --compile default --cuda-graphs --public '' \
   --out "$OUT/train_throughput_cuda_compiled.json" 2>&1 | tail -12
-pkill -f "benchmarks/train_throughput.py" || true
+pkill -f "benchmarks/train_throughput.py|bench_public.py" || true

@@ -5,12 +5,15 @@ own process (so peak memory is its own), one after the other on the same machine
 
 - ours: TC and BC agents of paper size (image 128, memory 2048, instr 256, recurrence
   80) on real BossLevel demos, batches formed as in training (``epoch_batches``,
-  grouped by length), teacher forcing on (early training); ``--warmup`` warm-up updates
+  grouped by length), teacher forcing on (early training) and, with ``--teacher-forcing on,off``, off
+  (free running: the upper level's own greedy thoughts drive the lower level; a paper run's
+  batches are ~47% free-running: ratio 1 for 10 of 160 epochs, then linear to 0); ``--warmup`` warm-up updates
   (default 1; compiled steps recompile for the first few batches' shapes, so give them
   more), then frames / seconds over ``--updates`` timed updates (gathering + forward +
   backward + Adam step);
 - the public TC code (``--public``, by default ../shared/baselines/public_tc/bench_public.py):
-  its own training step on synthetic episodes of the mean BossLevel length (87 steps).
+  its own training step on synthetic episodes of the mean BossLevel length (87 steps), with its
+  teacher-forcing ratio 1 or (off) 0.
 
 Grid: batch 16 on CPU; batch 16 and 180 on CUDA, each in fp32, with TF32 matmuls (ours only:
 ``train.tf32``) and with autocast (ours: ``train.amp``'s bfloat16; the public code: its fp16
@@ -21,7 +24,8 @@ TC frames/s, each at its fastest setting; batch 180 on CUDA, 16 on CPU), ``amp_v
 ``tf32_vs_fp32`` and ``compiled_vs_eager`` (ours TC, fastest of the other setting), ``graphs_vs_eager`` (ours TC with
 ``--cuda-graphs``: ``train.cuda_graphs``, padded batches replayed from CUDA graphs, against the
 fastest run without; with ``--compile``, graphs are measured with each compile setting too) and
-``device``. Frames are real frames: a padded batch counts its valid rows. The file is rewritten
+``device``; with teacher forcing off measured, ``free_running_ratio_vs_public`` and
+``free_running_vs_teacher_forced`` (ours TC). Frames are real frames: a padded batch counts its valid rows. The file is rewritten
 after every measurement (``"complete": false`` until the grid is done), so that a run stopped by a
 time limit keeps what it measured.
 Targets: CPU >= 2x the public code at batch 16; CUDA >= 5x at batch 180.
@@ -30,9 +34,9 @@ Targets: CPU >= 2x the public code at batch 16; CUDA >= 5x at batch 180.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -43,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from demo_generation import machine  # benchmarks/, the script's own folder
 from tc.demos import generate_demos, load_demos
 from tc.io import write_json_atomic
 from tc.kernels import COMPILE_MODES
@@ -56,7 +61,7 @@ PRECISIONS = ("fp32", "tf32", "amp")  # fp32; TensorFloat-32 matmuls (train.tf32
 
 
 def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, threads: int, demos_dir: str, updates: int,
-             compile: str | None = None, warmup: int = 1, graphs: bool = False) -> dict:
+             compile: str | None = None, warmup: int = 1, graphs: bool = False, teacher_forcing: bool = True) -> dict:
     """Time ``updates`` training updates of our agent in this process; returns the measurement."""
     dev = torch.device(device)
     if threads > 0:
@@ -85,7 +90,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
             torch.cuda.synchronize()
         t = time.perf_counter()
         batch = make_batch(demos, batches[i % len(batches)], dev, padding=padding)
-        train_update(agent, optimizer, batch, cfg, True, amp and dev.type == "cuda", scale, runner)
+        train_update(agent, optimizer, batch, cfg, teacher_forcing, amp and dev.type == "cuda", scale, runner)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if n >= len(schedule) - updates:
@@ -95,6 +100,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "precision": precision, "threads": threads,
+            "teacher_forcing": teacher_forcing or agent_kind == "bc",
             "compile": compile if compiled else None, "warmup_updates": warmup,
             "cuda_graphs": graphs and runner.problem is None, "cuda_graphs_problem": runner and runner.problem,
             "graphs_captured": len(runner.graphs) if runner else 0,
@@ -105,26 +111,33 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
             "model": asdict(model_cfg)}
 
 
-def run_public(public: Path, device: str, batch_size: int, precision: str, updates: int, tmp: str) -> dict:
-    """The public code's training step; ``precision`` amp: its fp16 autocast with a GradScaler."""
+def run_public(public: Path, device: str, batch_size: int, precision: str, updates: int, tmp: str,
+               teacher_forcing: bool = True) -> dict:
+    """The public code's training step; ``precision`` amp: its fp16 autocast with a GradScaler;
+    ``teacher_forcing`` False: its teacher-forcing ratio 0 (free running)."""
     amp = precision == "amp"
-    out = Path(tmp) / f"public_{batch_size}_{precision}.json"
+    out = Path(tmp) / f"public_{batch_size}_{precision}_{int(teacher_forcing)}.json"
+    # Free running, its loss indexes every target position in its greedy decoder's 15: a synthetic thought
+    # at the default cap of 16 tokens (start and end included) fails. BossLevel's thoughts are far shorter.
+    forcing = ["--tf-ratio", "1"] if teacher_forcing else ["--tf-ratio", "0", "--sg-max-tokens", "15"]
     cmd = [sys.executable, str(public), "--device", device, "--batch", str(batch_size), "--updates", str(updates),
-           "--json", str(out)] + ([] if amp else ["--no-amp"])
+           *forcing, "--json", str(out)] + ([] if amp else ["--no-amp"])
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=public.parent)
     res = json.loads(out.read_text())
     res["public_impl"] = res.pop("impl", None)  # our "impl" key names the side of the comparison
     return {**res, "impl": "public", "agent": "tc", "batch": batch_size, "precision": precision,
+            "teacher_forcing": teacher_forcing,
             "peak_memory_gb": res["peak_memory_mib"] * 2**20 / 1e9}
 
 
 def ratios(results: list[dict], device: str) -> dict:
     """``ratio_vs_public``, ``amp_vs_fp32``, ``tf32_vs_fp32``... of TC at the device's key batch (each side at its
-    fastest setting)."""
+    fastest setting), teacher-forced; ``free_running_*`` of free-running TC."""
 
-    def best(impl: str, batch: int, **setting) -> float | None:
+    def best(impl: str, batch: int, teacher_forcing: bool = True, **setting) -> float | None:
         rates = [r["frames_per_s"] for r in results if r["impl"] == impl and r["agent"] == "tc" and r["batch"] == batch
-                 and "error" not in r and all(r.get(k) == v for k, v in setting.items())]
+                 and "error" not in r and r.get("teacher_forcing", True) == teacher_forcing
+                 and all(r.get(k) == v for k, v in setting.items())]
         return max(rates) if rates else None
 
     def ratio(a: float | None, b: float | None) -> float | None:
@@ -138,6 +151,8 @@ def ratios(results: list[dict], device: str) -> dict:
             "tf32_vs_fp32": ratio(best("ours", batch, precision="tf32"), best("ours", batch, precision="fp32")),
             "compiled_vs_eager": ratio(compiled, eager),
             "graphs_vs_eager": ratio(best("ours", batch, cuda_graphs=True), best("ours", batch, cuda_graphs=False)),
+            "free_running_ratio_vs_public": ratio(best("ours", batch, False), best("public", batch, False)),
+            "free_running_vs_teacher_forced": ratio(best("ours", batch, False), best("ours", batch)),
             "ratio_batch": batch}
 
 
@@ -158,15 +173,17 @@ def main() -> None:
     ap.add_argument("--precisions", help=f"comma-separated: {', '.join(PRECISIONS)} (amp: ours bfloat16 autocast, the "
                     "public code fp16 autocast); default: fp32 on cpu, all on cuda")
     ap.add_argument("--cuda-graphs", action="store_true", help="also measure ours with train.cuda_graphs (CUDA only)")
+    ap.add_argument("--teacher-forcing", default="on", help="comma-separated: on (the lower level acts on the true "
+                    "thoughts) and/or off (free running, TC only: BC is measured once)")
     ap.add_argument("--out", help="default: benchmarks/results/train_throughput_<device>.json")
-    ap.add_argument("--one", nargs=6, metavar=("AGENT", "BATCH", "PRECISION", "THREADS", "COMPILE", "GRAPHS"),
+    ap.add_argument("--one", nargs=7, metavar=("AGENT", "BATCH", "PRECISION", "THREADS", "COMPILE", "GRAPHS", "TF"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:  # child process: one measurement of ours, printed as JSON
-        agent_kind, batch, precision, threads, mode, graphs = args.one
+        agent_kind, batch, precision, threads, mode, graphs, tf = args.one
         print(json.dumps(run_ours(agent_kind, args.device, int(batch), precision, int(threads), args.demos,
-                                  args.updates, None if mode == "none" else mode, args.warmup, graphs == "1")))
+                                  args.updates, None if mode == "none" else mode, args.warmup, graphs == "1", tf == "on")))
         return
 
     batches = [int(b) for b in (args.batches or ("16" if args.device == "cpu" else "16,180")).split(",")]
@@ -176,20 +193,23 @@ def main() -> None:
     compiles = (args.compile or ("none" if args.device == "cpu" else "none,default")).split(",")
     if set(compiles) - {"none", *COMPILE_MODES}:
         raise SystemExit(f"--compile {args.compile}: expected none or one of {', '.join(COMPILE_MODES)}")
+    forcings = args.teacher_forcing.split(",")
+    if not forcings or set(forcings) - {"on", "off"} or len(set(forcings)) < len(forcings):
+        raise SystemExit(f"--teacher-forcing {args.teacher_forcing}: expected on, off or on,off")
     if args.cuda_graphs and args.device != "cuda":
         raise SystemExit("--cuda-graphs: CUDA graphs need --device cuda")
-    public = Path(args.public) if args.public else None
+    public = Path(args.public).resolve() if args.public else None  # run_public runs it from its own folder
     if public is not None and not public.is_file():
         raise SystemExit(f"--public {public}: no such file (pass --public '' to measure ours alone)")
     out = Path(args.out or ROOT / f"benchmarks/results/train_throughput_{args.device}.json")
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else machine()
     results = []
 
     def write(manifest: dict, load_before: tuple, complete: bool) -> dict:
         """The report so far, written after every measurement: a run stopped by a time limit keeps what it measured."""
         report = {
             "benchmark": "train_throughput",
-            "device": f"{args.device}: {device_name}, {os.cpu_count()} cores",
+            "device": f"{args.device}: {device_name}" + (f", {os.cpu_count()} cores" if args.device == "cuda" else ""),
             **ratios(results, args.device),
             "complete": complete,  # false: stopped before the end of the grid
             "torch": torch.__version__,
@@ -212,41 +232,43 @@ def main() -> None:
             generate_demos("BabyAI-BossLevel-v0", 0, args.episodes, demos_dir, progress=False)
         manifest = load_demos(demos_dir).manifest
         load_before = os.getloadavg()
-        for batch in batches:
-            for precision in precisions:
-                runs = [("ours", agent_kind, threads, mode, graphs) for agent_kind in args.agents.split(",")
-                        for threads in (args.threads.split(",") if args.device == "cpu" else ["0"])
-                        for mode in compiles for graphs in (["0", "1"] if args.cuda_graphs else ["0"])]  # fmt: skip
-                # the public code first: a run stopped by a time limit can still give ratio_vs_public
-                # (the public code has no TF32 setting: it is timed in fp32 and with its autocast)
-                timed_public = public is not None and precision != "tf32"
-                for impl, agent_kind, threads, mode, graphs in ([("public", "tc", None, "none", "0")] if timed_public else []) + runs:
-                    setting = (f"{impl:6s} {agent_kind} batch {batch} {precision}"
-                               f"{f' threads {threads}' if threads not in (None, '0') else ''}"
-                               f"{f' compile {mode}' if mode != 'none' else ''}{' cuda graphs' if graphs == '1' else ''}")
-                    try:
-                        if impl == "public":
-                            results.append(run_public(public, args.device, batch, precision, args.updates, tmp))
-                        else:
-                            cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
-                                   "--updates", str(args.updates), "--warmup", str(args.warmup),
-                                   "--one", agent_kind, str(batch), precision, threads, mode, graphs]
-                            out_text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                            results.append(json.loads(out_text.strip().splitlines()[-1]))
-                    except subprocess.CalledProcessError as err:  # e.g. out of GPU memory: the other settings still run
-                        why = (err.stderr or "").strip().splitlines()[-1:] or [f"exit status {err.returncode}"]
-                        results.append({"impl": impl, "agent": agent_kind, "batch": batch, "precision": precision,
-                                        "compile": None if mode == "none" else mode, "cuda_graphs": graphs == "1",
-                                        "error": why[0]})  # fmt: skip
-                        print(f"{setting}: failed: {why[0]}", flush=True)
+        for batch, precision, tf in itertools.product(batches, precisions, forcings):
+            agents = [a for a in args.agents.split(",") if tf == "on" or a == "tc"]  # BC has no thoughts to force
+            runs = [("ours", agent_kind, threads, mode, graphs) for agent_kind in agents
+                    for threads in (args.threads.split(",") if args.device == "cpu" else ["0"])
+                    for mode in compiles for graphs in (["0", "1"] if args.cuda_graphs else ["0"])]  # fmt: skip
+            # the public code first: a run stopped by a time limit can still give ratio_vs_public
+            # (the public code has no TF32 setting: it is timed in fp32 and with its autocast)
+            timed_public = public is not None and precision != "tf32"
+            for impl, agent_kind, threads, mode, graphs in ([("public", "tc", None, "none", "0")] if timed_public else []) + runs:
+                setting = (f"{impl:6s} {agent_kind} batch {batch} {precision}{' free running' if tf == 'off' else ''}"
+                           f"{f' threads {threads}' if threads not in (None, '0') else ''}"
+                           f"{f' compile {mode}' if mode != 'none' else ''}{' cuda graphs' if graphs == '1' else ''}")
+                try:
+                    if impl == "public":
+                        results.append(run_public(public, args.device, batch, precision, args.updates, tmp, tf == "on"))
                     else:
-                        r = results[-1]
-                        print(f"{setting}: {r['frames_per_s']:.1f} frames/s, peak {r['peak_memory_gb']:.1f} GB", flush=True)
-                    write(manifest, load_before, complete=False)
+                        cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
+                               "--updates", str(args.updates), "--warmup", str(args.warmup),
+                               "--one", agent_kind, str(batch), precision, threads, mode, graphs, tf]
+                        out_text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                        results.append(json.loads(out_text.strip().splitlines()[-1]))
+                except subprocess.CalledProcessError as err:  # e.g. out of GPU memory: the other settings still run
+                    why = (err.stderr or "").strip().splitlines()[-1:] or [f"exit status {err.returncode}"]
+                    results.append({"impl": impl, "agent": agent_kind, "batch": batch, "precision": precision,
+                                    "teacher_forcing": tf == "on", "compile": None if mode == "none" else mode,
+                                    "cuda_graphs": graphs == "1", "error": why[0]})  # fmt: skip
+                    print(f"{setting}: failed: {why[0]}", flush=True)
+                else:
+                    r = results[-1]
+                    print(f"{setting}: {r['frames_per_s']:.1f} frames/s, peak {r['peak_memory_gb']:.1f} GB", flush=True)
+                write(manifest, load_before, complete=False)
         report = write(manifest, load_before, complete=True)
     print(f"ratio_vs_public {report['ratio_vs_public']}, amp_vs_fp32 {report['amp_vs_fp32']}, "
           f"tf32_vs_fp32 {report['tf32_vs_fp32']}, "
-          f"compiled_vs_eager {report['compiled_vs_eager']}, graphs_vs_eager {report['graphs_vs_eager']}; wrote {out}")
+          f"compiled_vs_eager {report['compiled_vs_eager']}, graphs_vs_eager {report['graphs_vs_eager']}, "
+          f"free_running_ratio_vs_public {report['free_running_ratio_vs_public']}, "
+          f"free_running_vs_teacher_forced {report['free_running_vs_teacher_forced']}; wrote {out}")
 
 
 if __name__ == "__main__":
