@@ -15,7 +15,8 @@ own process (so peak memory is its own), one after the other on the same machine
   its own training step on synthetic episodes of the mean BossLevel length (87 steps), with its
   teacher-forcing ratio 1 or (off) 0.
 
-Grid: batch 16 on CPU; batch 16 and 180 on CUDA, each in fp32, with TF32 matmuls (ours only:
+Grid: batch 16 on CPU; batch 16 and 180 on CUDA, each in fp32 (on CUDA torch's default: cuDNN's
+convolutions in TF32), with TF32 matmuls (ours only:
 ``train.tf32``) and with autocast (ours: ``train.amp``'s bfloat16; the public code: its fp16
 GradScaler default), or the ``--precisions`` given; ours eager and, with
 ``--compile`` (default on CUDA), with its steps compiled (``train.compile``; the warm-up
