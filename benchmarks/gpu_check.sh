@@ -5,9 +5,10 @@
 #   1. the CUDA tests without torch.compile (fp32, TF32, AMP, CUDA graphs of training chunks and of
 #      evaluation steps), 60 s;
 #   2. training throughput, TC at batch 180: the public code, ours eager and with CUDA graphs, in
-#      fp32, AMP and TF32, 240 s (in that order: an estimate of the eight measurements comes to ~255 s,
-#      and the last one is what the limit cuts; AMP with graphs is what decides item 1 of the issue,
-#      since eager AMP adds cast kernels to a launch-bound loop);
+#      fp32, AMP and TF32, 240 s (in that order, 2 warm-up updates: an estimate of the eight measurements
+#      with 3 came to ~255 s, and the last one is what a limit cuts; AMP with graphs decides item 1 of
+#      the issue, since eager AMP adds cast kernels to a launch-bound loop; TF32 with graphs may be the
+#      larger gain: a padded TC frame is ~2.4 GFLOP of matmuls and convolutions, step_kernels.py);
 #   3. free-running training throughput (teacher forcing off: ~47% of a paper run's batches), TC at batch 180,
 #      fp32, ours eager and with CUDA graphs, 80 s (not the public code: on the CPU its free-running update took
 #      3.4x its teacher-forced one, ~60 s at batch 180 here; the CPU has its ratio, 8.18x);
@@ -38,7 +39,7 @@ python3 -c "from tc.demos import generate_demos; generate_demos('BabyAI-BossLeve
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not compiled" 2>&1 | tail -20 \
   | tee "$OUT/cuda_tests.txt"
 
-timeout 240 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
+timeout 240 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 2 \
   --demos /tmp/boss400 --precisions fp32,amp,tf32 --compile none --cuda-graphs --public "$PWD/.whl/public_tc/bench_public.py" \
   --out "$OUT/train_throughput_cuda.json" 2>&1 | tail -12
 pkill -f "benchmarks/train_throughput.py|bench_public.py" || true  # a measurement process left by the limit would hold the GPU

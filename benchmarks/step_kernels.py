@@ -1,4 +1,5 @@
-"""Kernels and saved memory per time step of a training chunk: what bounds training on a GPU, counted on any device.
+"""Kernels, compute and saved memory per time step of a training chunk: what bounds training on a GPU, counted on
+any device.
 
     python benchmarks/step_kernels.py [--rows 16] [--small]
 
@@ -7,7 +8,10 @@ update: the GPU busy 14% of the time), and each operator that computes something
 least one launch; inside a CUDA graph each is still a node of a few microseconds. So this
 counts, for one time step of a training chunk (forward and backward; the difference
 between chunks of 8 and 4 steps, so that per-chunk work drops out), the aten operators
-dispatched other than views, and the bytes autograd keeps for the backward pass per frame
+dispatched other than views, the matmul and convolution FLOPs per frame (``FlopCounterMode``:
+what tensor cores would run, in TF32 or bfloat16, once graphs take the launches away), with the
+thought words the teacher-forced decoder runs per frame (each ~3 x 2 x memory x 4 memory FLOPs,
+forward and backward), and the bytes autograd keeps for the backward pass per frame
 (the activation memory of a chunk: rows x ``recurrence`` frames of it). Agents: TC
 teacher-forced, TC free-running, BC; layouts: the shrinking time-major one (eager
 training) and the padded one (``train.cuda_graphs``). Also one evaluation step
@@ -29,11 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from tc.demos import generate_demos, load_demos
 from tc.io import write_json_atomic
 from tc.model import Agent, ModelConfig
 from tc.train import Padding, TrainConfig, chunk_terms, loss_scale, make_batch, objective
+from tc.vocab import PAD
 from train_throughput import PAPER_MODEL  # a sibling script: the same paper size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +64,10 @@ class Operators(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def chunk(agent: Agent, demos, episodes: np.ndarray, steps: int, padded: bool, true_thoughts: bool) -> tuple[Counter, int]:
-    """(operators, bytes saved for backward) of the first chunk of ``steps`` steps of a batch, forward and backward."""
+def chunk(agent: Agent, demos, episodes: np.ndarray, steps: int, padded: bool,
+          true_thoughts: bool) -> tuple[Counter, int, int, int]:  # fmt: skip
+    """(operators, bytes saved for backward, matmul and convolution FLOPs, thought words the teacher-forced
+    decoder runs) of the first chunk of ``steps`` steps of a batch, forward and backward."""
     cfg = TrainConfig(batch_size=len(episodes), recurrence=steps)
     batch = make_batch(demos, episodes, torch.device("cpu"), padding=Padding.of(demos, cfg) if padded else None)
     sizes, rows = next(batch.chunks(steps))
@@ -71,12 +79,15 @@ def chunk(agent: Agent, demos, episodes: np.ndarray, steps: int, padded: bool, t
         return t
 
     agent.zero_grad()
-    with Operators() as ops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    flops = FlopCounterMode(display=False)
+    with Operators() as ops, flops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         terms, _ = chunk_terms(agent, batch.images[rows], sizes, batch.missions, agent.initial_state(len(episodes)),
                                batch.actions[rows], batch.thoughts[rows],
                                None if batch.valid is None else batch.valid[rows], true_thoughts, False)  # fmt: skip
         objective(terms, cfg, loss_scale(demos, cfg)).backward()
-    return ops.counts, sum(storages.values())
+    # The padded layout decodes every position of every row (tc.model.ThoughtGenerator.decode_all_positions).
+    words = 0 if agent.upper is None else int(batch.thoughts[rows].numel() if padded else (batch.thoughts[rows] != PAD).sum())
+    return ops.counts, sum(storages.values()), flops.get_total_flops(), words
 
 
 @torch.inference_mode()
@@ -109,15 +120,20 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         agent = Agent(ModelConfig(**dims, use_thoughts=use_thoughts)).train()
         for layout, padded in (("shrinking", False), ("padded", True)):
-            (ops4, saved4), (ops8, saved8) = (chunk(agent, demos, episodes, s, padded, true_thoughts) for s in (4, 8))
+            (ops4, saved4, flops4, words4), (ops8, saved8, flops8, words8) = (
+                chunk(agent, demos, episodes, s, padded, true_thoughts) for s in (4, 8))
             per_step = Counter({k: (ops8[k] - ops4[k]) / 4 for k in ops8 if ops8[k] != ops4[k]})
+            frames = 4 * args.rows
             results[f"{case}_{layout}"] = {
                 "operators_per_step": sum(per_step.values()),
-                "saved_bytes_per_frame": (saved8 - saved4) / (4 * args.rows),
+                "flops_per_frame": (flops8 - flops4) / frames,
+                "decoder_words_per_frame": (words8 - words4) / frames,
+                "saved_bytes_per_frame": (saved8 - saved4) / frames,
                 "top_operators": dict(per_step.most_common(12)),
             }
             print(f"{case:18} {layout:9} {sum(per_step.values()):7.1f} operators/step "
-                  f"{(saved8 - saved4) / (4 * args.rows) / 1e6:8.3f} MB saved/frame", flush=True)
+                  f"{(flops8 - flops4) / frames / 1e9:6.2f} GFLOP/frame ({(words8 - words4) / frames:.2f} decoded words) "
+                  f"{(saved8 - saved4) / frames / 1e6:8.3f} MB saved/frame", flush=True)
     for kind, use_thoughts in (("tc", True), ("bc", False)):
         torch.manual_seed(0)
         agent = Agent(ModelConfig(**dims, use_thoughts=use_thoughts)).eval()
@@ -131,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "step_kernels", "device": f"cpu: {platform.machine()}", "torch": torch.__version__,
         "model": dims, "rows": args.rows,
         "what": "per time step of a training chunk, forward + backward: non-view aten operators (each >= 1 CUDA "
-                "kernel launch) and bytes autograd saves for the backward pass per frame; act_*: the operators of "
+                "kernel launch), matmul and convolution FLOPs per frame (padded: per row, real or not), the thought "
+                "words per frame the teacher-forced decoder runs, and bytes autograd saves for the backward pass per "
+                "frame; act_*: the operators of "
                 "one evaluation step (eager: thoughts decoded until every row's <eos>, here an untrained model's "
                 "16-word cap; fixed: the CUDA-graph path, always 16 words)",
         "results": results,
