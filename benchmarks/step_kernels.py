@@ -85,8 +85,8 @@ def chunk(agent: Agent, demos, episodes: np.ndarray, steps: int, padded: bool,
                                batch.actions[rows], batch.thoughts[rows],
                                None if batch.valid is None else batch.valid[rows], true_thoughts, False)  # fmt: skip
         objective(terms, cfg, loss_scale(demos, cfg)).backward()
-    # The padded layout decodes every position of every row (tc.model.ThoughtGenerator.decode_all_positions).
-    words = 0 if agent.upper is None else int(batch.thoughts[rows].numel() if padded else (batch.thoughts[rows] != PAD).sum())
+    thoughts = batch.thoughts[rows] if batch.valid is None else batch.thoughts[rows][batch.valid[rows]]
+    words = 0 if agent.upper is None else int((thoughts != PAD).sum())  # the decoder runs the real rows' words
     return ops.counts, sum(storages.values()), flops.get_total_flops(), words
 
 

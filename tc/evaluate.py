@@ -268,7 +268,7 @@ class ActGraphs:
             thoughts = {} if out.thoughts is None else {"thoughts": out.thoughts}
             return {"logits": out.logits, **thoughts, **{f"state.{k}": v for k, v in out.state.items()}}
 
-        outputs, replay, self.pool = record(step, inputs["images"].device, self.pool)
+        (outputs,), (replay,), self.pool = record([step], inputs["images"].device, self.pool)
         return outputs, replay
 
 

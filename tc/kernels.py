@@ -151,36 +151,47 @@ def one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def record(fn: Callable[[], dict[str, Tensor]], device: torch.device, pool=None,
-           warmup: int = 2) -> tuple[dict[str, Tensor], Callable[[], None], object]:  # fmt: skip
-    """Record ``fn`` (a fixed-shape computation returning a dict of tensors) for replaying.
+def record(fns: list[Callable[[], dict[str, Tensor]]], device: torch.device, pool=None,
+           warmup: int = 2) -> tuple[list[dict[str, Tensor]], list[Callable[[], None]], object]:  # fmt: skip
+    """Record each of ``fns`` (fixed-shape computations returning dicts of tensors, run in this order)
+    for replaying in this order, each as its own graph, so that eager work may run between them.
 
-    On CUDA: ``warmup`` eager runs on a side stream (cuBLAS / cuDNN workspaces, lazy
-    set-ups), then a CUDA graph in memory ``pool``, shared by graphs never replayed at the
-    same time. A graph's outputs may lie where another graph of the pool keeps its
-    temporaries: read them before the next replay. Elsewhere every replay runs ``fn``
-    eagerly, which is what tests on the CPU check of the callers. ``fn`` runs for real while
-    recording: the caller undoes what it changed. Returns (the tensors every replay
-    rewrites, replay, the memory pool).
+    On CUDA: ``warmup`` eager runs of them all on a side stream (cuBLAS / cuDNN workspaces,
+    lazy set-ups), then a CUDA graph of each in memory ``pool``, shared by graphs never
+    replayed at the same time; a later function may use what an earlier one left alive (an
+    autograd graph to take the gradient of: a forward and a backward graph). A graph's
+    outputs may lie where another graph of the pool keeps its temporaries: read them before
+    the next replay. Elsewhere every replay runs its function eagerly, which is what tests on
+    the CPU check of the callers. The functions run for real while recording: the caller
+    undoes what they changed. Returns (per function the tensors every replay rewrites, the
+    replays, the memory pool).
     """
     if device.type != "cuda":
-        outputs = fn()
+        outputs = [fn() for fn in fns]
 
-        def replay() -> None:
-            for k, v in fn().items():
-                outputs[k].copy_(v)
+        def replay_of(fn: Callable[[], dict[str, Tensor]], out: dict[str, Tensor]) -> Callable[[], None]:
+            def replay() -> None:
+                for k, v in fn().items():
+                    out[k].copy_(v)
 
-        return outputs, replay, None
+            return replay
+
+        return outputs, [replay_of(fn, out) for fn, out in zip(fns, outputs)], None
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
-            fn()
+            for fn in fns:
+                fn()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        outputs = fn()
-    return outputs, graph.replay, graph.pool()
+    outputs, replays = [], []
+    for fn in fns:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs.append(fn())
+        pool = graph.pool()
+        replays.append(graph.replay)
+    return outputs, replays, pool
 
 
 def lstm_pointwise(x_gates: Tensor, h_gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:

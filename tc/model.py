@@ -90,6 +90,7 @@ class AgentOutput(NamedTuple):
     thoughts: Tensor | None  # [N, max_thought_len] the thoughts acted on (given or generated); None for BC
     thought_logits: Tensor | None  # [K, vocab] teacher-forced logits of the K words of ``targets`` (see forward)
     state: dict[str, Tensor]
+    memory: tuple[Tensor, Tensor] | None = None  # the upper level's (h, c) of every row, the decoder's start; None for BC
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -589,19 +590,6 @@ class ThoughtGenerator(nn.Module):
         index = (starts[None, :] + position[:, None])[targets[:, :L] != vocab.PAD]
         return logits[index]
 
-    def decode_all_positions(self, h: Tensor, c: Tensor, targets: Tensor, embedding: nn.Embedding) -> Tensor:
-        """Logits [N, L, vocab] of every position of ``targets`` [N, L], pads included, each given the
-        previous true words and the memory (h, c) of its row: :meth:`decode_teacher_forced` at
-        shapes that depend on [N, L] alone (CUDA graphs); the loss masks the pads' logits out."""
-        cell = TapedLSTMCell(self.decoder, self.pointwise)
-        gates = cell.input_gates(embedding.weight)  # one row per vocabulary entry, as above
-        inputs = torch.cat([torch.full_like(targets[:, :1], vocab.BOS), targets[:, :-1]], 1)
-        outs = []
-        for k in range(targets.shape[1]):
-            h, c = cell.step(gates[inputs[:, k]], h, c)
-            outs.append(h)
-        return self.decoder_out(torch.stack(outs, 1))
-
     @torch.no_grad()
     def decode_greedy(self, h: Tensor, c: Tensor, embedding: nn.Embedding, early_stop: bool = True) -> Tensor:
         """Most likely thought [n, max_len] from the memory (h, c): <eos>-terminated, <pad>-padded.
@@ -757,30 +745,37 @@ class Agent(nn.Module):
 
         ``valid`` bool [N]: a *fixed-shape* chunk (tc.train.Padding, for CUDA graphs): every
         step has the same rows, ``valid`` marks the real ones (the others are copies that
-        BatchNorm and the loss leave out), nothing synchronises with the host, and
-        ``thought_logits`` are [N, L, vocab] for every position of ``targets``
-        (:meth:`ThoughtGenerator.decode_all_positions`). Inside a CUDA graph the mission
-        encodings must be fixed-shape too: ``encode_mission(..., fixed=True)``.
+        BatchNorm and the loss leave out), and nothing synchronises with the host but the
+        decoding of ``targets``, which runs on the real rows alone, at their own sizes:
+        ``thought_logits`` are those of ``targets[valid]``'s words. Over padded rows it would
+        run every position of the longest thought, ~2.4x its work per real frame (BossLevel:
+        9 positions against ~5 words, 1.37 rows a frame) and half of a padded row's FLOPs; so
+        CUDA graphs record the chunk without it and decode between the forward and the
+        backward graph (tc.train.ChunkGraphs). Inside a CUDA graph the mission encodings
+        must be fixed-shape too: ``encode_mission(..., fixed=True)``.
         """
         x0 = self.perception.image(images, valid)
         steps_valid = valid
         if valid is not None and self.training:  # what BatchNorm's calls at every step derive from it, once
             dtype = torch.promote_types(x0.dtype, self.perception.image_embedding.weight.dtype)  # BatchNorm's (float32 under autocast)
             steps_valid = Counted.of(valid, len(sizes), images.shape[1] * images.shape[2], dtype)
-        thought_logits = t_words = t_pads = None
+        thought_logits = t_words = t_pads = memory = None
         new_state: dict[str, Tensor] = {}
         if self.upper is not None:
             thoughts, t_words, t_pads, h, c, new_state = self.upper(x0, sizes, mission, state, thoughts, self.perception,
                                                                     steps_valid)
+            memory = h, c
             if targets is not None:
-                decode = self.upper.decode_teacher_forced if valid is None else self.upper.decode_all_positions
-                thought_logits = decode(h, c, targets, self.perception.word_embedding)
+                if valid is not None:  # the real rows alone (a host synchronisation)
+                    rows = valid.nonzero().squeeze(1)
+                    h, c, targets = h[rows], c[rows], targets[rows]
+                thought_logits = self.upper.decode_teacher_forced(h, c, targets, self.perception.word_embedding)
         else:
             thoughts = None
         logits, low_state = self.lower(x0, sizes, mission, state, t_words, t_pads, steps_valid)
         if self.training:
             fold_batchnorm(self)  # inside the forward pass, so that a CUDA graph of it records the fold too
-        return AgentOutput(logits, thoughts, thought_logits, {**new_state, **low_state})
+        return AgentOutput(logits, thoughts, thought_logits, {**new_state, **low_state}, memory)
 
     @torch.no_grad()
     def act(

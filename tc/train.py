@@ -261,9 +261,10 @@ def loss_terms(out: AgentOutput, actions: torch.Tensor, thoughts: torch.Tensor,
     """Summed loss terms and counts of one forward pass (``STAT_KEYS``), as tensors.
 
     ``thoughts``: the true thoughts of the rows; their words' NLL is summed per thought
-    (a thought's words are one prediction). BC has no thought terms (zeros). ``valid``: the
-    rows that count, of a fixed-shape chunk (tc.model.Agent.forward); masks instead of
-    selections there, so that no shape depends on the data.
+    (a thought's words are one prediction). BC has no thought terms (zeros), nor has a pass
+    without ``thought_logits``. ``valid``: the rows that count, of a fixed-shape chunk
+    (tc.model.Agent.forward): the action terms mask the others out, so that no shape depends
+    on the data; the thoughts were decoded on these rows alone.
     """
     logp = out.logits.float().log_softmax(1)
 
@@ -278,19 +279,19 @@ def loss_terms(out: AgentOutput, actions: torch.Tensor, thoughts: torch.Tensor,
     }
     zero = terms["action_nll"].new_zeros(())
     terms.update(thought_tokens=zero, thought_nll=zero, thought_correct=zero)
-    if out.thought_logits is not None and valid is None:
-        words = thoughts[thoughts != vocab.PAD]  # the words and <eos>, in the order of thought_logits
-        word_logits = out.thought_logits.float()
-        terms.update(thought_tokens=logp.new_tensor(float(words.numel())),
-                     thought_nll=F.cross_entropy(word_logits, words, reduction="sum"),
-                     thought_correct=(word_logits.argmax(1) == words).sum())
-    elif out.thought_logits is not None:  # [N, L, vocab]: every position, the words and <eos> masked in
-        counted = ((thoughts != vocab.PAD) & valid[:, None]).float()
-        word_logits = out.thought_logits.float()
-        nll = F.cross_entropy(word_logits.flatten(0, 1), thoughts.flatten(), reduction="none").view_as(counted)
-        terms.update(thought_tokens=counted.sum(), thought_nll=(nll * counted).sum(),
-                     thought_correct=((word_logits.argmax(2) == thoughts) * counted).sum())
+    if out.thought_logits is not None:
+        terms.update(thought_terms(out.thought_logits, thoughts if valid is None else thoughts[valid]))
     return terms
+
+
+def thought_terms(thought_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The thought terms of ``STAT_KEYS`` from teacher-forced ``thought_logits`` [K, vocab] of the K
+    words (and <eos>) of ``targets`` [n, L], in the order of ``targets[targets != PAD]``."""
+    words = targets[targets != vocab.PAD]
+    logits = thought_logits.float()
+    return {"thought_tokens": logits.new_tensor(float(words.numel())),
+            "thought_nll": F.cross_entropy(logits, words, reduction="sum"),
+            "thought_correct": (logits.argmax(1) == words).sum()}  # fmt: skip
 
 
 def objective(terms: dict, cfg: TrainConfig, scale: tuple[float, float]):
@@ -348,42 +349,57 @@ def run_batch(
 def chunk_terms(
     agent: Agent, images: torch.Tensor, sizes: list[int], missions: torch.Tensor, state: dict[str, torch.Tensor],
     actions: torch.Tensor, thoughts: torch.Tensor, valid: torch.Tensor | None, true_thoughts: bool, amp: bool,
+    decode: bool = True,
 ) -> tuple[dict[str, torch.Tensor], AgentOutput]:
-    """The forward pass of one chunk of a batch from ``state``: its ``loss_terms`` and the agent's output."""
+    """The forward pass of one chunk of a batch from ``state``: its ``loss_terms`` and the agent's output.
+    ``decode`` False: without the teacher-forced thought decoder (thought terms zero; :class:`ChunkGraphs`)."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         # Re-encoded per chunk (B missions, cheap): each chunk's graph is freed by its backward.
         mission = agent.encode_mission(missions, fixed=valid is not None)
         out = agent(images, sizes, mission, state, thoughts=thoughts if true_thoughts else None,
-                    targets=thoughts if agent.upper is not None else None, valid=valid)
+                    targets=thoughts if agent.upper is not None and decode else None, valid=valid)
     return loss_terms(out, actions, thoughts, valid), out
 
 
 class ChunkGraphs:
-    """Training chunks replayed from CUDA graphs (``train.cuda_graphs``): ``run_batch`` with one launch a chunk.
+    """Training chunks replayed from CUDA graphs (``train.cuda_graphs``): ``run_batch`` with two launches a chunk.
 
     On a GPU the step loop is bound by launching kernels (an H100 profile of a paper-size
     update: ~280 launches per time step, the GPU busy 14% of the time). A CUDA graph records
-    a chunk's kernels once, forward and backward, and replays them. That needs fixed shapes
-    and no host synchronisation: batches are padded (:class:`Padding`; the same losses and
-    gradients as the shrinking layout, tests) so that a chunk is [steps x batch_size] rows,
-    with ``recurrence`` steps or, for a batch's last chunk, a few more lengths. One graph per
-    teacher-forcing mode and chunk length, all in one memory pool.
+    a chunk's kernels once and replays them. That needs fixed shapes and no host
+    synchronisation: batches are padded (:class:`Padding`; the same losses and gradients as
+    the shrinking layout, tests) so that a chunk is [steps x batch_size] rows, with
+    ``recurrence`` steps or, for a batch's last chunk, a few more lengths. A forward and a
+    backward graph per teacher-forcing mode and chunk length, all in one memory pool.
 
-    A replay reads the chunk copied into the graph's input tensors and the state, copied into
-    the graph's state tensors from the previous chunk's graph (zeros at a batch's start); it
-    adds the gradients (``torch.autograd.grad``) into the parameters' ``.grad`` and the
-    BatchNorm sums into theirs, writes the new state and the loss terms. The graph reads the
-    parameters where they are, and Adam updates them in place. Where capturing fails, one
-    warning line, and every batch runs eagerly (the padded batch as it is).
+    Between the two, TC's teacher-forced thought decoder runs eagerly on the chunk's real
+    rows at their own sizes (:meth:`decode`: a few hundred launches a chunk, not a step): in
+    the graph it would decode every position of every padded row, ~2.4x its work per real
+    frame on BossLevel and half of a padded row's FLOPs (benchmarks/step_kernels.py). It adds
+    its weights' gradients and hands the backward graph the gradient of the memory (h, c)
+    it started from.
+
+    A replay reads the chunk copied into the graphs' input tensors and the state, copied into
+    the graphs' state tensors from the previous chunk's (zeros at a batch's start); the
+    backward adds the gradients (``torch.autograd.grad``) into the parameters' ``.grad``,
+    writes the new state; the forward writes the loss terms and the BatchNorm sums. The
+    graphs read the parameters where they are, and Adam updates them in place. Where
+    capturing fails, one warning line, and every batch runs eagerly (the padded batch as it is).
     """
 
     def __init__(self, agent: Agent, cfg: TrainConfig, scale: tuple[float, float], amp: bool):
         self.agent, self.cfg, self.scale, self.amp = agent, cfg, scale, amp
         self.params = [p for p in agent.parameters() if p.requires_grad]
-        # (teacher-forced or BC, chunk steps) -> (inputs, state, outputs, replay)
+        # The decoder's own weights reach the loss through the eager decoding alone; the word
+        # embedding, which gives the decoder its input gates, through both.
+        decoder = [] if agent.upper is None else [*agent.upper.decoder.parameters(), *agent.upper.decoder_out.parameters()]
+        self.body = [p for p in self.params if all(p is not q for q in decoder)]
+        self.head = decoder + ([agent.perception.word_embedding.weight] if decoder else [])
+        # (teacher-forced or BC, chunk steps) -> (inputs, state, memory gradient, outputs, forward, backward)
         self.graphs: dict[tuple[bool, int], tuple] = {}
         self.pool = None
         self.problem: str | None = None  # why capturing failed: then eager
+        self.live: tuple | None = None  # the last forward's loss terms and output, for its backward
 
     def zero_grad(self) -> None:
         """Zero the gradients in place: the graphs add into these tensors."""
@@ -393,35 +409,75 @@ class ChunkGraphs:
             else:
                 p.grad.zero_()
 
-    def chunk(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor], true_thoughts: bool) -> torch.Tensor:
-        """One chunk's work as the graph records it; returns the loss terms (``STAT_KEYS``) as one tensor."""
+    def forward(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                true_thoughts: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+        """A chunk's forward pass without the teacher-forced decoder, as the forward graph records it:
+        the loss terms (``STAT_KEYS``, the thought terms zero) as one tensor and the upper level's
+        memory of every row ("h", "c"; TC)."""
         episodes = inputs["missions"].shape[0]
         terms, out = chunk_terms(self.agent, inputs["images"], [episodes] * (inputs["valid"].shape[0] // episodes),
                                  inputs["missions"], state, inputs["actions"], inputs["thoughts"], inputs["valid"],
-                                 true_thoughts, self.amp)  # fmt: skip
-        grads = torch.autograd.grad(objective(terms, self.cfg, self.scale), self.params, allow_unused=True)
-        if any(g is None for g in grads):
-            raise RuntimeError("a parameter does not reach the loss")  # eager training would leave it alone
-        torch._foreach_add_([p.grad for p in self.params], grads)
+                                 true_thoughts, self.amp, decode=False)  # fmt: skip
+        self.live = terms, out
+        memory = {} if out.memory is None else {"h": out.memory[0].detach(), "c": out.memory[1].detach()}
+        return {"terms": torch.stack([terms[k].detach().float() for k in STAT_KEYS]), **memory}
+
+    def decode(self, inputs: dict[str, torch.Tensor], memory: dict[str, torch.Tensor],
+               grad_memory: dict[str, torch.Tensor]) -> dict[str, float]:  # fmt: skip
+        """TC's teacher-forced thought decoder on the chunk's real rows, eagerly: adds the gradients of
+        its weights, writes that of ``memory`` into ``grad_memory`` (zero for the padding) and returns
+        its loss terms."""
+        rows = inputs["valid"].nonzero().squeeze(1)
+        h, c = (memory[k][rows].requires_grad_() for k in "hc")
+        targets = inputs["thoughts"][rows]
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.agent.upper.decode_teacher_forced(h, c, targets, self.agent.perception.word_embedding)
+        terms = thought_terms(logits, targets)
+        loss = objective({"action_nll": 0.0, "entropy": 0.0, **terms}, self.cfg, self.scale)
+        grad_h, grad_c, *grads = torch.autograd.grad(loss, [h, c, *self.head])
+        torch._foreach_add_([p.grad for p in self.head], grads)
+        grad_memory["h"].zero_().index_copy_(0, rows, grad_h)
+        grad_memory["c"].zero_().index_copy_(0, rows, grad_c)
+        return dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
+
+    def backward(self, state: dict[str, torch.Tensor], grad_memory: dict[str, torch.Tensor]) -> dict:
+        """The backward pass of the last :meth:`forward`, as the backward graph records it: the gradients
+        of its loss terms and of the memory's ``grad_memory`` added into the parameters', the new state
+        written into ``state``."""
+        terms, out = self.live
+        self.live = None
+        outputs, grad_outputs = [objective(terms, self.cfg, self.scale)], [None]
+        if out.memory is not None:
+            outputs += out.memory
+            grad_outputs += [grad_memory["h"], grad_memory["c"]]
+        # Raises where a parameter does not reach the loss: eager training would leave it alone.
+        grads = torch.autograd.grad(outputs, self.body, grad_outputs)
+        torch._foreach_add_([p.grad for p in self.body], grads)
         for k, v in out.state.items():  # after the backward, which may read the old state
             state[k].copy_(v.detach())
-        return torch.stack([terms[k].detach().float() for k in STAT_KEYS])
+        return {}
 
     def _capture(self, inputs: dict[str, torch.Tensor], true_thoughts: bool) -> tuple:
-        """(state, outputs, replay) of a chunk recorded with ``inputs`` (tc.kernels.record; off CUDA
-        each replay runs eagerly, what the tests on the CPU check). The runs while recording add to
-        the gradients and BatchNorm sums: they are put back as they were (a capture may come in
-        the middle of a batch)."""
-        state = self.agent.initial_state(inputs["missions"].shape[0], inputs["images"].device)
+        """(state, memory gradient, outputs, forward replay, backward replay) of a chunk recorded with
+        ``inputs`` (tc.kernels.record; off CUDA each replay runs eagerly, what the tests on the CPU
+        check). The runs while recording add to the gradients and BatchNorm sums: they are put
+        back as they were (a capture may come in the middle of a batch)."""
+        device = inputs["images"].device
+        state = self.agent.initial_state(inputs["missions"].shape[0], device)
+        rows = inputs["valid"].shape[0]  # outside the graphs' pool: the decoding writes it between the graphs
+        grad_memory = {} if self.agent.upper is None else {k: state["up_h"].new_zeros(rows, state["up_h"].shape[1])
+                                                          for k in "hc"}  # fmt: skip
         accumulated = self._accumulated()
         kept = [t.clone() for t in accumulated]
         try:
-            outputs, replay, self.pool = record(lambda: {"terms": self.chunk(inputs, state, true_thoughts)},
-                                                inputs["images"].device, self.pool)  # fmt: skip
+            (outputs, _), (forward, backward), self.pool = record(
+                [lambda: self.forward(inputs, state, true_thoughts), lambda: self.backward(state, grad_memory)],
+                device, self.pool)  # fmt: skip
         finally:
+            self.live = None
             for t, k in zip(accumulated, kept):
                 t.copy_(k)
-        return state, outputs["terms"], replay
+        return state, grad_memory, outputs, forward, backward
 
     def _accumulated(self) -> list[torch.Tensor]:
         """What chunks add to over an update: the gradients and the BatchNorm sums."""
@@ -432,7 +488,7 @@ class ChunkGraphs:
         if self.problem is not None:
             return run_batch(self.agent, batch, self.cfg, true_thoughts, self.amp, self.scale)
         sums = dict.fromkeys(STAT_KEYS, 0.0)
-        previous = None  # the state tensors of the previous chunk's graph
+        previous = None  # the state tensors of the previous chunk's graphs
         for sizes, part in batch.chunks(self.cfg.recurrence):
             key = (true_thoughts or self.agent.upper is None, len(sizes))  # BC reads no thoughts
             chunk = {"images": batch.images[part], "actions": batch.actions[part], "thoughts": batch.thoughts[part],
@@ -451,7 +507,7 @@ class ChunkGraphs:
                         if isinstance(m, BatchNorm2d):
                             m.pending.clear()
                     return run_batch(self.agent, batch, self.cfg, true_thoughts, self.amp, self.scale)
-            inputs, state, outputs, replay = self.graphs[key]
+            inputs, state, grad_memory, outputs, forward, backward = self.graphs[key]
             for k, v in chunk.items():
                 inputs[k].copy_(v)
             for k, v in state.items():
@@ -459,9 +515,14 @@ class ChunkGraphs:
                     v.zero_()
                 elif previous is not state:
                     v.copy_(previous[k])
-            replay()
+            forward()
+            # Read before the next replay (tc.kernels.record): the terms (one sync), the memory by the decoding.
+            terms = dict(zip(STAT_KEYS, outputs["terms"].tolist()))
+            if grad_memory:
+                terms.update(self.decode(inputs, outputs, grad_memory))
+            backward()
             previous = state
-            sums = {k: sums[k] + v for k, v in zip(STAT_KEYS, outputs.tolist())}  # one sync; read before the next replay
+            sums = {k: sums[k] + terms[k] for k in STAT_KEYS}
         return sums
 
 

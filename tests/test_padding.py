@@ -217,9 +217,15 @@ def test_fixed_chunk_has_nothing_a_cuda_graph_cannot_hold(demos, use_thoughts, t
     inputs = {"images": batch.images[rows], "actions": batch.actions[rows], "thoughts": batch.thoughts[rows],
               "valid": batch.valid[rows], "missions": batch.missions}  # fmt: skip
     state = agent.initial_state(6)
-    with HostSyncs() as fixed:
-        runner.chunk(inputs, state, true_thoughts)  # forward, backward, gradient and state updates
+    grad_memory = {k: torch.zeros(4 * 6, 32) for k in "hc"} if use_thoughts else {}
+    with HostSyncs() as fixed:  # what the two graphs record: the forward, then the gradients and the state updates
+        outputs = runner.forward(inputs, state, true_thoughts)
+        runner.backward(state, grad_memory)
     assert fixed.found == set()
+    if use_thoughts:  # the teacher-forced decoding between them runs eagerly, at the data's sizes
+        with HostSyncs() as decoding:
+            runner.decode(inputs, outputs, grad_memory)
+        assert "nonzero" in decoding.found
     with HostSyncs() as plain:  # what the check finds in the shrinking layout
         run_batch(agent, make_batch(demos, np.arange(5), torch.device("cpu")), cfg, true_thoughts, False,
                   loss_scale(demos, cfg))  # fmt: skip
