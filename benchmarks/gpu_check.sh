@@ -8,7 +8,7 @@
 #      fp32, AMP and TF32, 240 s (in that order, 2 warm-up updates: an estimate of the eight measurements
 #      with 3 came to ~255 s, and the last one is what a limit cuts; AMP with graphs decides item 1 of
 #      the issue, since eager AMP adds cast kernels to a launch-bound loop; TF32 with graphs may be the
-#      larger gain: a padded TC frame is ~2.4 GFLOP of matmuls and convolutions, step_kernels.py);
+#      larger gain: a graphed TC frame is ~1.65 GFLOP of matmuls and convolutions, README);
 #   3. free-running training throughput (teacher forcing off: ~47% of a paper run's batches), TC at batch 180,
 #      fp32, ours eager and with CUDA graphs, 80 s (not the public code: on the CPU its free-running update took
 #      3.4x its teacher-forced one, ~60 s at batch 180 here; the CPU has its ratio, 8.18x);
