@@ -139,6 +139,28 @@ def test_chunk_graphs_train_as_eager(demos, use_thoughts, compiled):
         torch.testing.assert_close(graphed_weights[name], eager_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("true_thoughts", [True, False], ids=["teacher_forced", "free_running"])
+def test_chunk_graphs_under_autocast_train_as_eager(demos, true_thoughts):
+    # bfloat16 autocast (train.amp; on the CPU here): the memory the decoding between the two graphs
+    # starts from, and so its gradient buffers, stay float32; the gradients are those of eager training.
+    def gradients(graphs: bool):
+        torch.manual_seed(0)
+        agent = Agent(ModelConfig(**MODEL)).train()
+        cfg = TrainConfig(batch_size=6, recurrence=4, device="cpu")
+        scale = loss_scale(demos, cfg)
+        runner = ChunkGraphs(agent, cfg, scale, True) if graphs else None
+        agent.zero_grad() if runner is None else runner.zero_grad()
+        batch = make_batch(demos, np.arange(6), torch.device("cpu"), padding=Padding.of(demos, cfg) if graphs else None)
+        sums = run_batch(agent, batch, cfg, true_thoughts, True, scale) if runner is None else runner.run_batch(batch, true_thoughts)
+        assert runner is None or runner.problem is None
+        return sums, torch.cat([p.grad.flatten() for p in agent.parameters()])
+
+    (sums, grads), (g_sums, g_grads) = gradients(False), gradients(True)
+    for k in ("frames", "action_nll", "thought_tokens", "thought_nll"):
+        assert g_sums[k] == pytest.approx(sums[k], rel=0.01), k
+    assert torch.nn.functional.cosine_similarity(g_grads, grads, dim=0) > 0.99
+
+
 def test_failed_capture_trains_the_batch_eagerly_from_its_start(demos, capsys):
     # The first capture fails in the lower level, after the upper level's BatchNorm calls: the
     # batch is trained eagerly from its start, with none of the failed pass's statistics.
