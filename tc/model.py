@@ -766,16 +766,21 @@ class Agent(nn.Module):
                                                                     steps_valid)
             memory = h, c
             if targets is not None:
-                if valid is not None:  # the real rows alone (a host synchronisation)
-                    rows = valid.nonzero().squeeze(1)
-                    h, c, targets = h[rows], c[rows], targets[rows]
-                thought_logits = self.upper.decode_teacher_forced(h, c, targets, self.perception.word_embedding)
+                thought_logits = self.decode_thoughts(h, c, targets, valid)
         else:
             thoughts = None
         logits, low_state = self.lower(x0, sizes, mission, state, t_words, t_pads, steps_valid)
         if self.training:
             fold_batchnorm(self)  # inside the forward pass, so that a CUDA graph of it records the fold too
         return AgentOutput(logits, thoughts, thought_logits, {**new_state, **low_state}, memory)
+
+    def decode_thoughts(self, h: Tensor, c: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits [K, vocab] of the K words of ``targets`` [N, L] (of the rows ``valid``
+        marks, at their own sizes: a host synchronisation), each row from its upper memory (h, c)."""
+        if valid is not None:
+            rows = valid.nonzero().squeeze(1)
+            h, c, targets = h[rows], c[rows], targets[rows]
+        return self.upper.decode_teacher_forced(h, c, targets, self.perception.word_embedding)
 
     @torch.no_grad()
     def act(

@@ -427,17 +427,15 @@ class ChunkGraphs:
         """TC's teacher-forced thought decoder on the chunk's real rows, eagerly: adds the gradients of
         its weights, writes that of ``memory`` into ``grad_memory`` (zero for the padding) and returns
         its loss terms."""
-        rows = inputs["valid"].nonzero().squeeze(1)
-        h, c = (memory[k][rows].requires_grad_() for k in "hc")
-        targets = inputs["thoughts"][rows]
+        h, c = (memory[k].detach().requires_grad_() for k in "hc")
         with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.agent.upper.decode_teacher_forced(h, c, targets, self.agent.perception.word_embedding)
-        terms = thought_terms(logits, targets)
+            logits = self.agent.decode_thoughts(h, c, inputs["thoughts"], inputs["valid"])
+        terms = thought_terms(logits, inputs["thoughts"][inputs["valid"]])
         loss = objective({"action_nll": 0.0, "entropy": 0.0, **terms}, self.cfg, self.scale)
         grad_h, grad_c, *grads = torch.autograd.grad(loss, [h, c, *self.head])
         torch._foreach_add_([p.grad for p in self.head], grads)
-        grad_memory["h"].zero_().index_copy_(0, rows, grad_h)
-        grad_memory["c"].zero_().index_copy_(0, rows, grad_c)
+        grad_memory["h"].copy_(grad_h)
+        grad_memory["c"].copy_(grad_c)
         return dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
 
     def backward(self, state: dict[str, torch.Tensor], grad_memory: dict[str, torch.Tensor]) -> dict:
