@@ -198,8 +198,8 @@ def _shard_arrays(results: list[Episode | tuple[int, str]]) -> dict[str, np.ndar
 
 def read_shard(path: Path) -> dict[str, np.ndarray]:
     """Load and check one shard; any corruption raises DatasetError naming the file."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
+    try:  # the file opened here, not by np.load, which leaves it open when the zip is unreadable
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             arrays = {name: z[name] for name in SHARD_ARRAYS}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise DatasetError(f"corrupt or truncated shard {path}: {type(err).__name__}: {err}") from err

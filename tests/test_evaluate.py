@@ -119,7 +119,8 @@ def test_watch_writes_gif_and_html(tmp_path):
     assert ep.success and len(ep.frames) == ep.length + 1
     save_episode(ep, tmp_path / "ep.gif")
     save_episode(ep, tmp_path / "ep.html")
-    assert Image.open(tmp_path / "ep.gif").n_frames == len(ep.frames)
+    with Image.open(tmp_path / "ep.gif") as gif:
+        assert gif.n_frames == len(ep.frames)
     page = (tmp_path / "ep.html").read_text()
     assert ep.mission in page and ep.thoughts[0] in page and page.count("iVBOR") == len(ep.frames)  # PNG base64
     with pytest.raises(ValueError, match="unknown format"):

@@ -174,7 +174,7 @@ def test_stage_writes_models_metrics_and_history(tmp_path, demos_dir):
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 <= metrics["best_val_success"] <= 1.0 and metrics["final_thought_acc"] is None
-    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "history.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and {"frames", "val_success", "action_acc", "thought_acc", "loss"} <= set(rows[0])
     assert rows[0]["thought_acc"] == ""  # BC thinks nothing
     assert (tmp_path / "models/bc/best.pt").exists() and (tmp_path / "models/bc/last.pt").exists()
