@@ -97,12 +97,14 @@ def _fits(value, tp) -> bool:
     return isinstance(value, tp)
 
 
-def _range_text(meta: Mapping) -> str:
-    parts = [f"{op} {meta[key]}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-             if meta.get(key) is not None]  # fmt: skip
-    if meta.get("choices") is not None:
-        parts.append("one of " + ", ".join(map(str, meta["choices"])))
-    return " and ".join(parts)
+def _expected_text(tp, meta: Mapping) -> str:
+    """What a field takes: ``an int >= 1``, ``one of auto, cpu, cuda``, ``null or one of ...``."""
+    if meta.get("choices") is not None:  # the choices name the type
+        optional = type(None) in typing.get_args(tp)
+        return ("null or " if optional else "") + "one of " + ", ".join(map(str, meta["choices"]))
+    bounds = [f"{op} {meta[key]}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+              if meta.get(key) is not None]  # fmt: skip
+    return " ".join(filter(None, [_type_name(tp), " and ".join(bounds)]))
 
 
 def _in_range(value, meta: Mapping) -> bool:
@@ -125,9 +127,8 @@ def check_fields(cfg, section: str) -> None:
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, tp = getattr(cfg, f.name), hints[f.name]
-        expected = " ".join(filter(None, [_type_name(tp), _range_text(f.metadata)]))
         if not _fits(value, tp) or not _in_range(value, f.metadata):
-            raise ConfigError(f"{section}.{f.name} = {value!r}: expected {expected}")
+            raise ConfigError(f"{section}.{f.name} = {value!r}: expected {_expected_text(tp, f.metadata)}")
         if tp is float and isinstance(value, int):
             object.__setattr__(cfg, f.name, float(value))  # the configs are frozen
 

@@ -184,7 +184,7 @@ class Padding(NamedTuple):
     Every step holds ``episodes`` rows: the batch's episodes, an ended episode repeating its
     last frame, then (for a short batch) copies of its shortest episode. The steps are
     padded so that every chunk has ``recurrence`` steps but the last, which has a multiple
-    of ``step_bucket`` (a graph per chunk length, a few steps of padding instead of up to a
+    of ``step_bucket`` (a pair of graphs per chunk length, a few steps of padding instead of up to a
     whole chunk's). Thoughts and missions are padded to ``thought_len`` and ``mission_len``
     words. The copies are real data, so nothing becomes NaN; ``Batch.valid`` marks the real
     rows, the only ones BatchNorm and the loss count.
