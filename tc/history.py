@@ -18,9 +18,10 @@ from tc.params import FileFormatError
 REQUIRED_COLUMNS = ("frames", "epoch", "val_success")
 # Written columns, in order; some take another name than tc.train's history keys (RENAMED).
 COLUMNS = ["epoch", "frames", "updates", "lr", "tf_ratio", "loss", "val_success", "val_success_ci_low",
-           "val_success_ci_high", "val_episodes", "action_acc", "thought_acc",
+           "val_success_ci_high", "val_episodes", "action_acc", "thought_acc", "oracle_action_acc",
            "val_loss", "train_action_acc", "train_thought_acc", "wall_time_s"]  # fmt: skip
-RENAMED = {"loss": "train_loss", "action_acc": "val_action_acc", "thought_acc": "val_thought_acc"}
+RENAMED = {"loss": "train_loss", "action_acc": "val_action_acc", "thought_acc": "val_thought_acc",
+           "oracle_action_acc": "val_oracle_action_acc"}
 
 
 def history_csv(history: list[dict]) -> str:

@@ -572,15 +572,28 @@ def summarize_stats(sums: dict[str, float], cfg: TrainConfig, prefix: str = "") 
 
 @torch.no_grad()
 def validate(agent: Agent, demos: Demos, cfg: TrainConfig, device: torch.device, amp: bool) -> dict:
-    """Action accuracy (lower level on *generated* thoughts, as at test time) and thought token accuracy."""
+    """Action accuracy (lower level on *generated* thoughts, as at test time) and thought token accuracy.
+
+    For TC also ``val_oracle_action_acc``: the lower level fed the demos' own (the bot's)
+    thoughts. Next to ``val_action_acc`` it says where the errors come from: well above it,
+    from the thoughts; equal, the lower level does not act on its thoughts (yet).
+    """
     agent.eval()
-    sums = dict.fromkeys(STAT_KEYS, 0.0)
     all_eps = np.arange(demos.num_episodes)
-    for i in range(0, len(all_eps), cfg.batch_size):
-        stats = run_batch(agent, make_batch(demos, all_eps[i : i + cfg.batch_size], device), cfg, False, amp)
-        sums = {k: sums[k] + stats[k] for k in STAT_KEYS}
+
+    def sums(true_thoughts: bool) -> dict[str, float]:
+        total = dict.fromkeys(STAT_KEYS, 0.0)
+        for i in range(0, len(all_eps), cfg.batch_size):
+            batch = make_batch(demos, all_eps[i : i + cfg.batch_size], device)
+            stats = run_batch(agent, batch, cfg, true_thoughts, amp)
+            total = {k: total[k] + stats[k] for k in STAT_KEYS}
+        return total
+
+    row = summarize_stats(sums(False), cfg, "val_")
+    if agent.upper is not None:
+        row["val_oracle_action_acc"] = summarize_stats(sums(True), cfg)["action_acc"]
     agent.train()
-    return summarize_stats(sums, cfg, "val_")
+    return row
 
 
 # ----------------------------------------------------------------------------- resume state

@@ -109,6 +109,8 @@ def test_overfits_four_episodes(tmp_path, demos):
     # differ from the per-step statistics of 1-4 episodes in training: a looser bound. Over
     # train.seed 1-6 it ranged 0.775-0.975 (40 frames), float rounding moving it by up to 0.125.
     assert final["val_action_acc"] > 0.7, final
+    # The lower level, trained on the bot's thoughts, fed them: 0.925-1.0 over train.seed 1-8.
+    assert final["val_oracle_action_acc"] > 0.85, final
 
 
 def load_demos_subset(demos, n):
@@ -263,6 +265,31 @@ def test_without_teacher_forcing_the_agent_runs_on_its_own_thoughts(demos):
         state = out.state
         thoughts.append(out.thoughts)
     assert torch.equal(torch.cat(thoughts), free.thoughts)
+
+
+def test_validation_scores_the_lower_level_on_generated_and_on_given_thoughts(demos):
+    """val_action_acc: the lower level acting on the upper level's thoughts (as at test time);
+    val_oracle_action_acc: on the demos' own thoughts; BC has only the first."""
+    from tc.model import Agent
+    from tc.train import validate
+
+    lengths = np.diff(demos.offsets)
+    cfg = replace(FAST, batch_size=demos.num_episodes, recurrence=int(lengths.max()))
+    batch = make_batch(demos, np.arange(demos.num_episodes), torch.device("cpu"))
+    torch.manual_seed(0)
+    agent = Agent(TINY)
+    row = validate(agent, demos, cfg, torch.device("cpu"), amp=False)
+    agent.eval()
+    with torch.no_grad():
+        mission = agent.encode_mission(batch.missions)
+        state = agent.initial_state(demos.num_episodes)
+        own = agent(batch.images, batch.sizes, mission, state, targets=batch.thoughts)
+        given = agent(batch.images, batch.sizes, mission, state, thoughts=batch.thoughts, targets=batch.thoughts)
+    accuracy = [float((out.logits.argmax(1) == batch.actions).float().mean()) for out in (own, given)]
+    assert accuracy[0] != accuracy[1]  # the untrained agent's thoughts are not the bot's
+    assert (row["val_action_acc"], row["val_oracle_action_acc"]) == pytest.approx(accuracy)
+    assert "val_oracle_action_acc" not in validate(Agent(replace(TINY, use_thoughts=False)), demos, cfg,
+                                                   torch.device("cpu"), amp=False)
 
 
 def test_gradient_clipping_is_optional(demos):
