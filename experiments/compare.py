@@ -79,7 +79,8 @@ def train_and_evaluate(name: str, out: Path, params: dict, seeds: list[int], env
     result = {**summarize(episodes), "frames": trained["frames"], "best_val_success": trained["best_val_success"],
               # the lower level on the validation demos, on its own thoughts and (TC) on the bot's
               "final_action_acc": trained["final_action_acc"],
-              "final_oracle_action_acc": trained.get("final_oracle_action_acc"), "train_s": train_s, "eval_s": time.time() - start - train_s,
+              "final_oracle_action_acc": trained.get("final_oracle_action_acc"),
+              "train_s": train_s, "eval_s": time.time() - start - train_s,
               "successes": [int(ep.success) for ep in episodes]}  # fmt: skip
     if name == "tc":  # how far better thoughts would take this lower level
         oracle = run("oracle")

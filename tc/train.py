@@ -579,20 +579,18 @@ def validate(agent: Agent, demos: Demos, cfg: TrainConfig, device: torch.device,
     from the thoughts; equal, the lower level does not act on its thoughts (yet).
     """
     agent.eval()
+    # Keyed by the teacher-forcing flag of run_batch: False = own thoughts, True = the demos'.
+    sums = {given: dict.fromkeys(STAT_KEYS, 0.0) for given in ((False, True) if agent.upper is not None else (False,))}
     all_eps = np.arange(demos.num_episodes)
-
-    def sums(true_thoughts: bool) -> dict[str, float]:
-        total = dict.fromkeys(STAT_KEYS, 0.0)
-        for i in range(0, len(all_eps), cfg.batch_size):
-            batch = make_batch(demos, all_eps[i : i + cfg.batch_size], device)
-            stats = run_batch(agent, batch, cfg, true_thoughts, amp)
-            total = {k: total[k] + stats[k] for k in STAT_KEYS}
-        return total
-
-    row = summarize_stats(sums(False), cfg, "val_")
-    if agent.upper is not None:
-        row["val_oracle_action_acc"] = summarize_stats(sums(True), cfg)["action_acc"]
+    for i in range(0, len(all_eps), cfg.batch_size):
+        batch = make_batch(demos, all_eps[i : i + cfg.batch_size], device)
+        for given, total in sums.items():
+            stats = run_batch(agent, batch, cfg, given, amp)
+            sums[given] = {k: total[k] + stats[k] for k in STAT_KEYS}
     agent.train()
+    row = summarize_stats(sums[False], cfg, "val_")
+    if True in sums:
+        row["val_oracle_action_acc"] = summarize_stats(sums[True], cfg)["action_acc"]
     return row
 
 
