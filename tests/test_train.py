@@ -267,6 +267,24 @@ def test_without_teacher_forcing_the_agent_runs_on_its_own_thoughts(demos):
     assert torch.equal(torch.cat(thoughts), free.thoughts)
 
 
+def test_validation_does_not_change_what_is_learned(tmp_path, demos):
+    """Training draws dropout from the global torch RNG; validation, rollouts included, must not
+    draw from it, or train.val_interval (a reporting knob) would change the trained weights."""
+    from tc.evaluate import evaluate, summarize
+
+    def evaluate_fn(agent):
+        return summarize(evaluate(agent, "BabyAI-GoToRedBallGrey-v0", [100, 101], "tc", batch_size=2, progress=False))
+
+    cfg = replace(FAST, epochs=3)
+    every = train(TINY, cfg, demos, demos, tmp_path / "every", evaluate_fn=evaluate_fn, progress=False)
+    last = train(TINY, replace(cfg, val_interval=3), demos, demos, tmp_path / "last", evaluate_fn=evaluate_fn,
+                 progress=False)  # fmt: skip
+    assert [row["val_success"] is not None for row in every["history"]] == [True] * 3
+    assert [row.get("val_success") is not None for row in last["history"]] == [False, False, True]
+    a, b = every["agent"].state_dict(), last["agent"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_validation_scores_the_lower_level_on_generated_and_on_given_thoughts(demos):
     """val_action_acc: the lower level acting on the upper level's thoughts (as at test time);
     val_oracle_action_acc: on the demos' own thoughts; BC has only the first."""
