@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -60,14 +61,21 @@ def generate(p: DemosConfig, out: str, first_seed: int, episodes: int, shards: t
     """One split into ``out`` (see tc.demos.generate_demos), keeping its finished shards.
 
     With ``restart_if_changed``, a folder of other settings or written by other code
-    (``code``: tc.provenance) is emptied first; without, other settings are refused.
+    (``code``: tc.provenance) is emptied first; without, other settings are refused and
+    other code's shards are continued with a warning, keeping that code's digest: the folder
+    is not this code's output, and the next `dvc repro` starts it afresh.
     """
     make = partial(generate_demos, p.level, first_seed, episodes, out, noise_rate=p.noise_rate, workers=p.workers,
                    shard_size=p.shard_size, shards=shards, bot=p.bot)  # fmt: skip
-    if restart_if_changed and Path(out).exists() and recorded_digest(out) != code:
-        print(f"starting {out} afresh: its demos were made by other code (the stage or a tc module changed since)")
-        shutil.rmtree(out)
-    record_digest(out, code)
+    other_code = any(Path(out).glob("shard-*.npz")) and recorded_digest(out) != code
+    if other_code and not restart_if_changed:
+        print(f"warning: {out} holds demos made by other code (the stage or a tc module changed since); "
+              f"continuing them as asked (delete the folder to start afresh, as dvc repro will)", file=sys.stderr)
+    else:
+        if other_code:
+            print(f"starting {out} afresh: its demos were made by other code (the stage or a tc module changed since)")
+            shutil.rmtree(out)
+        record_digest(out, code)
     try:
         return make()
     except SettingsMismatch as err:

@@ -1,4 +1,4 @@
-"""DVC stage `make_ood_levels`: BossLevel seeds binned by behavioural and cognitive difficulty.
+"""DVC stage `make_ood_levels`: seeds of demos.level (paper: BossLevel) binned by behavioural and cognitive difficulty.
 
     python stages/make_ood_levels.py --params params.yaml --out data/ood/levels.json
 

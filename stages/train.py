@@ -52,7 +52,9 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
     ``restart_if_changed``, replaced by a fresh run: dvc.yaml passes that flag, because
     DVC keeps the persisted last.pt of the previous settings when it reruns the stage for
     new ones (`dvc exp run -S train.sg_coef=1`); with it, a last.pt written by other code
-    (``code``: tc.provenance) starts afresh too. An unreadable last.pt is always an error.
+    (``code``: tc.provenance) starts afresh too; without it, such a last.pt is resumed with a
+    warning (a run by hand after a fix that changes nothing learned). An unreadable last.pt
+    is always an error.
     """
     if not last.exists():
         return False
@@ -63,8 +65,12 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
     try:
         check_config(last, ckpt, model_cfg)
         check_resume(last, ckpt["train_state"], cfg, demos)
-        if restart_if_changed and recorded_digest(last.parent) != code:
-            raise ValueError(f"{last} was written by other code (the stage or a tc module changed since)")
+        if recorded_digest(last.parent) != code:
+            other_code = f"{last} was written by other code (the stage or a tc module changed since)"
+            if restart_if_changed:
+                raise ValueError(other_code)
+            print(f"warning: {other_code}; resuming it as asked (--no-resume starts afresh, as dvc repro will)",
+                  file=sys.stderr)
     except ValueError as err:
         if not restart_if_changed:
             raise UserError(f"{err}, or pass --no-resume") from None
@@ -115,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
                                                    args.restart_if_changed, code)  # fmt: skip
         if world > 1:
             dist.barrier()  # every rank has read the recorded digest before rank 0 replaces it
-        if rank == 0:
+        # A run resumed over other code's last.pt keeps that code's digest: it is not this code's
+        # output, and the next `dvc repro` starts it afresh.
+        if rank == 0 and (not resume or recorded_digest(args.out) == code):
             record_digest(args.out, code)
         metrics = run(args, model_cfg, cfg, c.demos, c.evaluate, train_demos, val_demos, resume, rank)
     if world > 1:

@@ -1,4 +1,4 @@
-"""Out-of-distribution level sets: BossLevel seeds binned by behavioural and cognitive difficulty.
+"""Out-of-distribution level sets: seeds of a level (the paper: BossLevel) binned by behavioural and cognitive difficulty.
 
 Behavioural difficulty of a seed: the number of steps the expert bot needs to solve it
 (minigrid's BabyAIBot, whose plan tc.thoughts.ThoughtBot follows; no noise), run as

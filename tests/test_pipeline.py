@@ -265,6 +265,8 @@ def test_paper_params_have_the_same_keys():
     small = flatten(yaml.safe_load((REPO / "params.yaml").read_text()))
     paper = flatten(yaml.safe_load((REPO / "params-paper.yaml").read_text()))
     assert sorted(small) == sorted(paper), "params-paper.yaml must mirror params.yaml's keys"
+    lite = flatten(yaml.safe_load((REPO / "params-gpu.yaml").read_text()))  # copied over params.yaml too (README)
+    assert sorted(small) == sorted(lite), "params-gpu.yaml must mirror params.yaml's keys"
     assert paper["demos.episodes"] == 1_000_000 and paper["model.memory_dim"] == 2048
     assert paper["train.batch_size"] == 180 and paper["train.recurrence"] == 80
     assert paper["safety.behaviours"] == small["safety.behaviours"]  # same definitions, only the scale differs

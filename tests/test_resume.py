@@ -47,10 +47,17 @@ def test_generation_restarts_over_other_settings_or_code(workdir, capsys, stage_
     assert "starting data/demos/train afresh" in capsys.readouterr().out
     assert list(load_demos(workdir / "data/demos/train").seeds) == [7, 8, 9]
 
-    (workdir / "data/demos/train" / DIGEST_FILE).write_text("digest of other code\n")
+    # Other code's shards: by hand, continued with a warning, keeping that code's digest, so
+    # that the next DVC run (--restart-if-changed) still starts them afresh.
+    digest = workdir / "data/demos/train" / DIGEST_FILE
+    digest.write_text("digest of other code\n")
+    generate([])
+    assert "warning: data/demos/train holds demos made by other code" in capsys.readouterr().err
+    assert digest.read_text() == "digest of other code\n"
     generate(["--restart-if-changed"])
     assert "starting data/demos/train afresh: its demos were made by other code" in capsys.readouterr().out
     assert list(load_demos(workdir / "data/demos/train").seeds) == [7, 8, 9]
+    assert digest.read_text() != "digest of other code\n"
 
 
 def test_training_resumes_or_restarts(workdir, capsys, stage_main):
@@ -74,6 +81,12 @@ def test_training_resumes_or_restarts(workdir, capsys, stage_main):
     train([*args, "--restart-if-changed"])
     assert "starting afresh: cannot resume" in capsys.readouterr().out
 
-    (workdir / "models/bc" / DIGEST_FILE).write_text("digest of other code\n")
+    digest = workdir / "models/bc" / DIGEST_FILE
+    digest.write_text("digest of other code\n")
+    train(args)  # by hand: resumed with a warning, and the digest still says other code
+    out, err = capsys.readouterr()
+    assert "warning: models/bc/last.pt was written by other code" in err and "resuming from models/bc/last.pt" in out
+    assert digest.read_text() == "digest of other code\n"
     train([*args, "--restart-if-changed"])
-    assert "models/bc/last.pt was written by other code" in capsys.readouterr().out
+    assert "starting afresh: models/bc/last.pt was written by other code" in capsys.readouterr().out
+    assert digest.read_text() != "digest of other code\n"
