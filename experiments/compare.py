@@ -33,10 +33,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from tc.demos import DemosConfig
 from tc.evaluate import EvaluateConfig, evaluate, load_agent_for, summarize
 from tc.io import write_json_atomic
-from tc.params import UserError, dataclass_from_dict, user_errors
+from tc.model import ModelConfig
+from tc.params import UserError, dataclass_from_dict, load_configs, load_params, parse_yaml, user_errors
 from tc.stats import paired_difference
+from tc.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS = {"tc": ("tc", []), "bc": ("bc", []), "tc_no_thoughts": ("tc", ["train.sg_coef=0"])}
@@ -49,12 +52,15 @@ def override(params: dict, assignments: list[str]) -> dict:
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in params or name not in params[section]:
             raise UserError(f"--set {item}: expected section.key=value with a key of params.yaml")
-        params[section][name] = yaml.safe_load(value)
+        params[section][name] = parse_yaml(value)
     return params
 
 
 def stage(*args: str, env: dict) -> None:
-    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    """Run a stage; its own error line is on stderr already, so a failure is one more line, no traceback."""
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    if done.returncode:
+        raise UserError(f"{args[0]} {' '.join(args[1:3])} failed (exit status {done.returncode}; its error is above)")
 
 
 def train_and_evaluate(name: str, out: Path, params: dict, seeds: list[int], env: dict) -> dict:
@@ -97,12 +103,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--agents", default=",".join(AGENTS), help="comma-separated subset of " + ",".join(AGENTS))
     args = ap.parse_args(argv)
     with user_errors():
-        params = override(yaml.safe_load(Path(args.params).read_text()), args.set)
+        params = override(load_params(args.params), args.set)
         agents = args.agents.split(",")
         if unknown := set(agents) - set(AGENTS):
             raise UserError(f"--agents: unknown {sorted(unknown)}; expected some of {list(AGENTS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "params.yaml").write_text(yaml.safe_dump(params))
+        if args.episodes < 1:
+            raise UserError(f"--episodes {args.episodes}: expected at least 1 test episode")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "params.yaml").write_text(yaml.safe_dump(params))
+        # Every section the stages read, checked before any of them runs (an --set typo or range).
+        load_configs(args.out / "params.yaml", demos=DemosConfig, model=ModelConfig, train=TrainConfig,
+                     evaluate=EvaluateConfig)  # fmt: skip
+        report = run_all(args, params, agents)
+    for a, r in report["agents"].items():
+        print(f"{a}: {r['success_rate']:.3f} [{r['success_ci_low']:.3f}, {r['success_ci_high']:.3f}] "
+              f"train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s")  # fmt: skip
+        if "oracle" in r:
+            print(f"  oracle: {r['oracle']['success_rate']:.3f}")
+    for k in ("tc_minus_bc", "tc_minus_tc_no_thoughts", "oracle_minus_tc"):
+        if k in report:
+            print(f"{k}: {report[k]}")
+
+
+def run_all(args, params: dict, agents: list[str]) -> dict:
+    """Demos, then each agent trained and evaluated (two at a time); writes and returns <out>/compare.json."""
     env = dict(os.environ)
     start = time.time()
     stage("stages/generate_demos.py", "--params", str(args.out / "params.yaml"), "--train-out",
@@ -120,15 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if "tc" in results:
         report["oracle_minus_tc"] = paired_difference(results["tc"]["oracle"]["successes"], results["tc"]["successes"])
     write_json_atomic(args.out / "compare.json", report)
-    for a, r in results.items():
-        print(f"{a}: {r['success_rate']:.3f} [{r['success_ci_low']:.3f}, {r['success_ci_high']:.3f}] "
-              f"train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s")  # fmt: skip
-        if "oracle" in r:
-            print(f"  oracle: {r['oracle']['success_rate']:.3f}")
-    for k in ("tc_minus_bc", "tc_minus_tc_no_thoughts", "oracle_minus_tc"):
-        if k in report:
-            print(f"{k}: {report[k]}")
-
+    return report
 
 if __name__ == "__main__":
     main()

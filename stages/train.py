@@ -62,6 +62,9 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
         ckpt = load_checkpoint(last)
     except CheckpointError as err:
         raise UserError(f"{err}; delete it or pass --no-resume to start afresh") from None
+    if not ckpt.get("train_state"):
+        raise UserError(f"{last} holds no training state to resume (a best.pt copied there?); delete it or pass "
+                        f"--no-resume to start afresh")
     try:
         check_config(last, ckpt, model_cfg)
         check_resume(last, ckpt["train_state"], cfg, demos)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -154,11 +155,42 @@ def params_keys(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("in_params", True)]
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml (ruamel, YAML 1.2) where it matters, and no repeated keys.
+
+    YAML 1.1 (PyYAML) reads ``5e-4`` as a *string* (its floats need a dot), while DVC, and
+    ``dvc exp run -S train.lr=5e-4``, take it for a number. A repeated key (a second
+    ``train:`` section appended to the file) would silently replace the first, every key
+    it lacks falling back to its default.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (lines {lines[key]} and {key_node.start_mark.line + 1})")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+# Appended after YAML 1.1's int and float patterns, so it only sees what they leave: a
+# mantissa without a dot and an exponent.
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` as params.yaml's values are read: see :class:`_ParamsLoader`."""
+    return yaml.load(text, Loader=_ParamsLoader)
+
+
 def load_params(path: str | Path, *sections: str) -> dict:
     """Load ``path`` and check that each of ``sections`` is present; returns the whole dict."""
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text())
+        params = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"params file {path} not found") from None
     except yaml.YAMLError as err:

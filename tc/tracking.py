@@ -170,6 +170,9 @@ def start_run(
         run = mlflow.start_run(run_name=display, experiment_id=experiment_id, nested=nested, tags=all_tags)
     except Exception as err:  # the store's own errors (SQLAlchemy, MlflowException): read-only, not a database...
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        if "MLFLOW_ALLOW_FILE_STORE" in str(err):  # MLflow 3's long refusal; its way out is at the end
+            first = ("this MLflow refuses file stores: use a database (e.g. sqlite:///mlflow.db) or set "
+                     "MLFLOW_ALLOW_FILE_STORE=true")
         raise TrackingUnavailableError(f"MLflow store {uri} cannot take runs: {first}") from err
     with _terminate_as_interrupt():
         try:

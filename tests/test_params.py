@@ -10,7 +10,7 @@ from tc.demos import DemosConfig
 from tc.evaluate import EvaluateConfig
 from tc.model import ModelConfig
 from tc.ood import OodConfig
-from tc.params import ConfigError, dataclass_from_dict, load_configs, params_keys
+from tc.params import ConfigError, dataclass_from_dict, load_configs, load_params, params_keys
 from tc.plots import PlotsConfig
 from tc.safety import SafetyConfig
 from tc.train import TrainConfig
@@ -65,6 +65,21 @@ def test_bad_values_are_named_in_one_line(section, value, message):
 def test_numbers_are_normalised():
     cfg = TrainConfig.from_dict({"lr": 1, "lr_halve_epoch": None})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.lr_halve_epoch is None
+
+
+def test_params_read_as_dvc_reads_them_and_keys_not_repeated(tmp_path):
+    path = tmp_path / "params.yaml"
+    # `5e-4` is a number to DVC (YAML 1.2: `dvc exp run -S train.lr=5e-4`), a string to PyYAML alone.
+    path.write_text("train:\n  lr: 5e-4\n  max_grad_norm: 1E+1\n  device: 5e-4x\n")
+    assert load_params(path)["train"] == {"lr": 0.0005, "max_grad_norm": 10.0, "device": "5e-4x"}
+    assert yaml.safe_load(path.read_text())["train"]["lr"] == "5e-4"
+    # A repeated section would replace the first one whole, its other keys falling back to defaults.
+    path.write_text("train:\n  epochs: 1\n  lr: 0.001\nplots:\n  dpi: 100\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml is not valid YAML: duplicate key 'train' \(lines 1 and 6\)$"):
+        load_params(path)
+    path.write_text("train:\n  epochs: 1\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'epochs' \(lines 2 and 3\)$"):
+        load_params(path)
 
 
 TRAIN_ARGS = ["--agent", "tc", "--out", "models/tc", "--metrics", "m.json", "--history", "h.csv"]

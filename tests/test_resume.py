@@ -90,3 +90,9 @@ def test_training_resumes_or_restarts(workdir, capsys, stage_main):
     train([*args, "--restart-if-changed"])
     assert "starting afresh: models/bc/last.pt was written by other code" in capsys.readouterr().out
     assert digest.read_text() != "digest of other code\n"
+
+    (workdir / "models/bc/last.pt").write_bytes((workdir / "models/bc/best.pt").read_bytes())
+    with pytest.raises(SystemExit):  # weights without the optimizer, RNG and position
+        train(args)
+    assert capsys.readouterr().err == ("error: models/bc/last.pt holds no training state to resume (a best.pt copied "
+                                       "there?); delete it or pass --no-resume to start afresh\n")

@@ -102,6 +102,18 @@ def test_missing_sqlite_folder_is_a_clear_error(tmp_path):
         tracking.check_tracking(f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}")
 
 
+def test_a_refused_file_store_says_the_way_out(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    try:
+        with tracking.start_run("train-tc", {"train": {"epochs": 1}}):
+            pass
+    except tracking.TrackingUnavailableError as err:  # MLflow 3.17 (the one installed here) refuses them
+        assert str(err).endswith("use a database (e.g. sqlite:///mlflow.db) or set MLFLOW_ALLOW_FILE_STORE=true")
+    else:
+        pytest.skip("this MLflow still takes file stores")
+
+
 @pytest.fixture
 def mlflow_server(tmp_path, serve, free_port):
     """A real `mlflow server` on a free local port; always stopped, with its workers."""
