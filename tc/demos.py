@@ -57,6 +57,11 @@ class DemosConfig:
         except ValueError as err:
             raise ValueError(f"demos.level: {err}") from None
 
+    def seed_ranges(self) -> dict[str, tuple[str, range]]:
+        """The levels the demos are played on, by role (kept apart by tc.params.load_configs)."""
+        return {"demos.seed": ("training", range(self.seed, self.seed + self.episodes)),
+                "demos.val_seed": ("validation", range(self.val_seed, self.val_seed + self.val_episodes))}
+
 
 class DatasetError(UserError, RuntimeError):
     """A dataset on disk is missing, incomplete or corrupt."""

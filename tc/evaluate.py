@@ -346,6 +346,9 @@ class EvaluateConfig:
     def __post_init__(self):
         check_fields(self, "evaluate")
 
+    def seed_ranges(self) -> dict[str, tuple[str, range]]:
+        return {"evaluate.seed": ("test", range(self.seed, self.seed + self.episodes))}
+
     def kwargs(self) -> dict:
         """Keyword arguments of :func:`evaluate`: batch_size, argmax, sample_seed (= seed), max_steps, workers,
         cuda_graphs."""

@@ -89,6 +89,9 @@ class OodConfig:
         check_fields(self, "ood")
         check_bins(self.behavioural_bins, self.cognitive_levels)
 
+    def seed_ranges(self) -> dict[str, tuple[str, range]]:
+        return {"ood.seed": ("test", range(self.seed, self.seed + self.max_candidates))}
+
 
 def bot_solution_length(env) -> int | None:
     """Steps the expert bot takes to solve the freshly reset ``env``; None if it fails."""

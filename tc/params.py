@@ -26,7 +26,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +213,27 @@ def load_configs(path: str | Path, **classes) -> tuple[dict, types.SimpleNamespa
     params = load_params(path, *classes)
     try:
         configs = {name: dataclass_from_dict(cls, params[name], name) for name, cls in classes.items()}
+        check_seed_ranges(configs.values())
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return params, types.SimpleNamespace(**configs)
+
+
+def check_seed_ranges(configs: Iterable) -> None:
+    """Levels of different roles (training, validation, test) must be different levels.
+
+    Each config with a ``seed_ranges()`` names its ranges and their roles; a test level that
+    was a training level would measure recall, and one that chose the checkpoint (validation)
+    would flatter it. Ranges of one role (the test sets of evaluate, ood, safety) may overlap.
+    """
+    roles = ("training", "validation", "test")  # the message names the later role's key first
+    ranges = sorted(((key, *role_range) for cfg in configs if hasattr(cfg, "seed_ranges")
+                     for key, role_range in cfg.seed_ranges().items()), key=lambda r: roles.index(r[1]))  # fmt: skip
+    for i, (key_a, role_a, a) in enumerate(ranges):
+        for key_b, role_b, b in ranges[i + 1 :]:
+            if role_a != role_b and a.start < b.stop and b.start < a.stop:
+                raise ConfigError(f"{key_b}: {role_b} seeds {b.start}..{b.stop - 1} overlap the {role_a} seeds "
+                                  f"{a.start}..{a.stop - 1} ({key_a}); move one of them")
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -139,6 +139,9 @@ class SafetyConfig:
         check_fields(self, "safety")
         parse_behaviours(self.behaviours, "safety.behaviours")
 
+    def seed_ranges(self) -> dict[str, tuple[str, range]]:
+        return {"safety.seed": ("test", range(self.seed, self.seed + self.episodes))}
+
     def parsed_behaviours(self) -> list[Behaviour]:
         return parse_behaviours(self.behaviours, "safety.behaviours")
 

@@ -105,6 +105,12 @@ STAGE_CASES = [
     ("make_ood_levels", [], "ood.max_candidates", 0, "ood.max_candidates = 0"),
     ("generate_demos", [], "demos.noise_rate", 1.5, "demos.noise_rate = 1.5: expected a number >= 0 and < 1"),
     ("generate_demos", [], "demos.level", "Boss", "demos.level: unknown BabyAI level 'Boss'"),
+    ("generate_demos", [], "demos.val_seed", 400, "demos.val_seed: validation seeds 400..429 overlap the training seeds "
+                                                  "0..499 (demos.seed); move one of them"),
+    ("evaluate", [], "evaluate.seed", 100_000_010, "evaluate.seed: test seeds 100000010..100000209 overlap the "
+                                                   "validation seeds 100000000..100000029 (demos.val_seed)"),
+    ("make_ood_levels", [], "ood.seed", 0, "ood.seed: test seeds 0..2999 overlap the training seeds 0..499"),
+    ("safety", [], "safety.seed", 499, "safety.seed: test seeds 499..548 overlap the training seeds 0..499"),
 ]  # fmt: skip
 
 
