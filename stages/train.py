@@ -119,6 +119,15 @@ def main(argv: list[str] | None = None) -> None:
             if demos.manifest["level"] != level:
                 raise UserError(f"{name} holds {demos.manifest['level']} demos, but {args.params} demos.level "
                                 f"is {level}")
+        made = {"seed": train_demos.manifest["first_seed"], "episodes": train_demos.manifest["episodes"],
+                "noise_rate": train_demos.manifest["noise_rate"], "val_seed": val_demos.manifest["first_seed"],
+                "val_episodes": val_demos.manifest["episodes"]}  # fmt: skip
+        differ = [f"demos.{k} {getattr(c.demos, k)!r} vs {v!r}" for k, v in made.items() if getattr(c.demos, k) != v]
+        if differ:
+            if rank == 0:  # run by hand on other data: MLflow and the validation rollouts follow the data
+                print(f"warning: --train/--val were made with other settings than {args.params} says "
+                      f"({'; '.join(differ)}); the run records the data's", file=sys.stderr)
+        demos_cfg = replace(c.demos, **made)
         code = code_digest(__file__)
         resume = not args.no_resume and can_resume(Path(args.out) / "last.pt", model_cfg, cfg, train_demos,
                                                    args.restart_if_changed, code)  # fmt: skip
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         # output, and the next `dvc repro` starts it afresh.
         if rank == 0 and (not resume or recorded_digest(args.out) == code):
             record_digest(args.out, code)
-        metrics = run(args, model_cfg, cfg, c.demos, c.evaluate, train_demos, val_demos, resume, rank)
+        metrics = run(args, model_cfg, cfg, demos_cfg, c.evaluate, train_demos, val_demos, resume, rank)
     if world > 1:
         dist.destroy_process_group()
     if metrics is not None:

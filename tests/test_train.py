@@ -6,6 +6,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -173,7 +174,14 @@ def test_stage_writes_models_metrics_and_history(tmp_path, demos_dir):
     cmd = [sys.executable, str(ROOT / "stages/train.py"), "--params", "params.yaml", "--agent", "bc",
            "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/bc",
            "--metrics", "metrics.json", "--history", "history.csv"]
-    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
+    # params.yaml's demos.* (500 episodes, noise 0.01) are not the data's (8, 0.0): run by hand, the
+    # stage says so, and the MLflow run records the data's settings.
+    assert "warning: --train/--val were made with other settings than params.yaml says (demos.episodes 500 vs 8; " \
+           "demos.noise_rate 0.01 vs 0.0; demos.val_seed 100000000 vs 0; demos.val_episodes 30 vs 8)" in done.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert (run.data.params["demos.episodes"], run.data.params["demos.noise_rate"]) == ("8", "0.0")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 <= metrics["best_val_success"] <= 1.0 and metrics["final_thought_acc"] is None
     rows = list(csv.DictReader((tmp_path / "history.csv").read_text().splitlines()))
