@@ -17,7 +17,7 @@ import argparse
 from tc import tracking
 from tc.demos import DemosConfig
 from tc.evaluate import EvaluateConfig, evaluate, success_difference
-from tc.io import write_json_atomic
+from tc.io import check_output, write_json_atomic
 from tc.params import load_configs, user_errors
 from tc.safety import summary_with_fads
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with user_errors():
         params, c = load_configs(args.params, evaluate=EvaluateConfig, demos=DemosConfig)
+        check_output(args.out, "--out")
         seeds = list(range(c.evaluate.seed, c.evaluate.seed + c.evaluate.episodes))
         tc_agent, bc_agent = c.evaluate.load_agent(args.tc, "tc"), c.evaluate.load_agent(args.bc, "bc")
         with tracking.start_run("evaluate", params, tags={"stage": "evaluate"}):

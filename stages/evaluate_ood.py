@@ -16,7 +16,7 @@ import argparse
 
 from tc import tracking
 from tc.evaluate import EvaluateConfig, evaluate, success_difference
-from tc.io import write_json_atomic
+from tc.io import check_output, write_json_atomic
 from tc.ood import AXES, load_level_sets
 from tc.params import load_configs, user_errors
 from tc.safety import summary_with_fads
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with user_errors():
         params, c = load_configs(args.params, evaluate=EvaluateConfig)
+        check_output(args.out, "--out")
         sets = load_level_sets(args.levels)
         tc_agent, bc_agent = c.evaluate.load_agent(args.tc, "tc"), c.evaluate.load_agent(args.bc, "bc")
         # Every seed once per mode (a seed may sit in a bin of each axis), then grouped by bin.

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from tc.demos import DemosConfig, SettingsMismatch, generate_demos, write_manifest
+from tc.io import check_output
 from tc.params import UserError, load_configs, user_errors
 from tc.provenance import code_digest, record_digest, recorded_digest
 
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         _, c = load_configs(args.params, demos=DemosConfig)
         p = c.demos
+        check_output(args.train_out, "--train-out", folder=True)
+        check_output(args.val_out, "--val-out", folder=True)
+        if Path(args.train_out).resolve() == Path(args.val_out).resolve():
+            raise UserError(f"--train-out and --val-out are both {args.train_out}; the splits need a folder each")
         shards = parse_shard(args.shard) if args.shard else None
         splits = [(args.train_out, p.seed, p.episodes), (args.val_out, p.val_seed, p.val_episodes)]
         for out, first_seed, episodes in splits:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from tc.demos import DemosConfig
-from tc.io import write_json_atomic
+from tc.io import check_output, write_json_atomic
 from tc.ood import OodConfig, make_level_sets
 from tc.params import load_configs, user_errors
 
@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> None:
 
     with user_errors():
         _, c = load_configs(args.params, ood=OodConfig, demos=DemosConfig)
-    o = c.ood
-    sets = make_level_sets(c.demos.level, o.seed, o.episodes_per_bin, o.max_candidates, o.behavioural_bins,
-                           o.cognitive_levels, workers=o.workers)  # fmt: skip
-    write_json_atomic(args.out, sets)
+        check_output(args.out, "--out")
+        o = c.ood
+        sets = make_level_sets(c.demos.level, o.seed, o.episodes_per_bin, o.max_candidates, o.behavioural_bins,
+                               o.cognitive_levels, workers=o.workers)  # fmt: skip
+        write_json_atomic(args.out, sets)
     print(f"scanned {sets['candidates_scanned']} seeds; bot failures: {len(sets['bot_failures'])}")
     for axis, bins in sets["unfilled"].items():
         for b, n in bins.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from tc.io import check_output
 from tc.params import load_configs, user_errors
 from tc.plots import PlotsConfig, write_figures
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with user_errors():  # bad params, a malformed history CSV or ood.json: one line
         _, c = load_configs(args.params, plots=PlotsConfig)
+        check_output(args.out, "--out", folder=True)
         paths = write_figures(histories, args.ood, args.out, dpi=c.plots.dpi)
     for name, path in paths.items():
         print(f"{name}: {path}")

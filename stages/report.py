@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tc.io import write_text_atomic
+from tc.io import check_output, write_text_atomic
 from tc.params import load_params, user_errors
 from tc.report import build_report
 
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # No section is required: the report notes what a config lacks.
     with user_errors():  # a malformed history CSV or ood.json: one line
+        check_output(args.out, "--out")
         write_text_atomic(args.out, build_report(load_params(args.params), args.metrics, args.plots))
     print(f"report: {args.out}")
 

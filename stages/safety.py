@@ -17,7 +17,7 @@ import argparse
 from tc import tracking
 from tc.demos import DemosConfig
 from tc.evaluate import EvaluateConfig
-from tc.io import write_json_atomic
+from tc.io import check_output, write_json_atomic
 from tc.params import load_configs, user_errors
 from tc.safety import SafetyConfig, run_precrime
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with user_errors():
         params, c = load_configs(args.params, evaluate=EvaluateConfig, demos=DemosConfig, safety=SafetyConfig)
+        check_output(args.out, "--out")
         agent = c.evaluate.load_agent(args.tc, "tc")
         seeds = list(range(c.safety.seed, c.safety.seed + c.safety.episodes))
 

@@ -37,7 +37,7 @@ from tc.demos import Demos, DemosConfig, load_demos
 from tc.device import pick_device
 from tc.evaluate import EvaluateConfig, evaluate, summarize
 from tc.history import history_csv
-from tc.io import write_json_atomic, write_text_atomic
+from tc.io import check_output, write_json_atomic, write_text_atomic
 from tc.model import ModelConfig
 from tc.params import UserError, load_configs, user_errors
 from tc.provenance import code_digest, record_digest, recorded_digest
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         params, c = load_configs(args.params, model=ModelConfig, train=TrainConfig, demos=DemosConfig,
                                  evaluate=EvaluateConfig)  # fmt: skip
         model_cfg, cfg = replace(c.model, use_thoughts=args.agent == "tc"), c.train
+        for flag, path in (("--metrics", args.metrics), ("--history", args.history)):
+            check_output(path, flag)
+        check_output(args.out, "--out", folder=True)
         if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                    sys.argv[0], *(sys.argv[1:] if argv is None else argv)]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Atomic file writes: an interrupted stage never leaves a half-written file that looks complete."""
+"""Atomic file writes: an interrupted stage never leaves a half-written file that looks complete;
+and outputs checked before the work that ends by writing them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from tc.params import UserError
 
 
 @contextmanager
@@ -41,3 +44,18 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, obj) -> None:
     """``obj`` as indented JSON with sorted keys (stable diffs of committed metrics)."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def check_output(path: str | Path, flag: str, *, folder: bool = False) -> None:
+    """Refuse, before a stage's work, an output it could not write at the end: a folder where
+    its file goes (or a file where its folder goes), a file among its parents, a parent folder
+    without write permission. Raises UserError naming ``flag``."""
+    path = Path(path)
+    want, other = ("folder", "file") if folder else ("file", "folder")
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{flag} {path} is a {other}; expected a {want} there")
+    parent = next(p for p in (path if folder else path.parent, *path.parents) if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {parent}")

@@ -53,6 +53,30 @@ def test_corrupt_resume_checkpoint_names_the_file_and_the_way_out(tmp_path, monk
     assert "weights_only" not in err  # torch's advice would run the file's code
 
 
+@pytest.mark.parametrize(
+    "stage, argv, message",
+    [
+        ("train", ["--agent", "bc", "--out", "m", "--metrics", "taken", "--history", "h.csv"],
+         "--metrics taken is a folder; expected a file there"),
+        ("train", ["--agent", "bc", "--out", "params.yaml", "--metrics", "m.json", "--history", "h.csv"],
+         "--out params.yaml is a file; expected a folder there"),
+        ("evaluate", ["--out", "params.yaml/eval.json"], "--out params.yaml/eval.json: params.yaml is a file, not a folder"),
+        ("plots", ["--out", "params.yaml"], "--out params.yaml is a file; expected a folder there"),
+        ("report", ["--out", "taken"], "--out taken is a folder; expected a file there"),
+        ("generate_demos", ["--train-out", "d", "--val-out", "./d"], "--train-out and --val-out are both d; the splits"),
+    ],
+)  # fmt: skip
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, monkeypatch, capsys, stage_main, stage,
+                                                                    argv, message):  # fmt: skip
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "taken").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main(stage)(argv)
+    one_line_error(capsys, exit_info, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "taken"]  # nothing made, no mlflow.db
+
+
 def test_truncated_shard_in_tc_show(tmp_path, capsys, demos_dir):
     copy = tmp_path / "demos"
     copy.mkdir()
