@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tc.params import UserError, user_errors
 from tc.report import difference, rate
 from tc.stats import over_runs
 
@@ -22,8 +23,18 @@ def cell(r: dict | None) -> str:
     return "-" if r is None else rate(r["success_rate"], r["success_ci_low"], r["success_ci_high"])
 
 
-def row(path: Path) -> str:
-    c = json.loads(path.read_text())
+def load(path: Path) -> dict:
+    """A compare.json (experiments/compare.py's output), or a UserError naming the file."""
+    try:
+        c = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(c, dict) or "tc" not in c.get("agents", {}):
+        raise UserError(f"{path}: not a compare.json of experiments/compare.py with a TC agent")
+    return c
+
+
+def row(path: Path, c: dict) -> str:
     a = c["agents"]
     setting = ", ".join(o.replace("demos.level=BabyAI-", "").replace("-v0", "") for o in c["overrides"])
     frames = a["tc"].get("frames", "-")
@@ -33,11 +44,10 @@ def row(path: Path) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def seed_groups(paths: list[Path]) -> dict[str, list[dict]]:
+def seed_groups(results: list[dict]) -> dict[str, list[dict]]:
     """compare.json results grouped by their overrides apart from train.seed (groups of 2 or more)."""
     groups: dict[str, list[dict]] = {}
-    for path in paths:
-        c = json.loads(path.read_text())
+    for c in results:
         key = ", ".join(o for o in c["overrides"] if not o.startswith("train.seed="))
         groups.setdefault(key, []).append(c)
     return {k: v for k, v in groups.items() if len(v) > 1}
@@ -61,12 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path, help="compare.json files")
     args = ap.parse_args(argv)
+    with user_errors():
+        results = [load(path) for path in args.results]
     print("| run | config (over params.yaml) | frames | test episodes | TC % [95% CI] | BC % | TC w/o thoughts % "
           "| TC, oracle thoughts % | TC - BC (points, paired) | TC - TC w/o thoughts |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for path in args.results:
-        print(row(path))
-    groups = seed_groups(args.results)
+    for path, c in zip(args.results, results):
+        print(row(path, c))
+    groups = seed_groups(results)
     if groups:
         print("\nOver training seeds (mean, 95% t interval over runs, the runs):\n")
         print("| config | training seeds | TC % | BC % | TC - BC (points) |")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.exp_json:
             text = args.exp_json.read_text()
         else:
+            if shutil.which("dvc") is None:
+                raise UserError("dvc is not on PATH: run this with the project's .venv/bin first on PATH, or pass "
+                                "--exp-json FILE (a saved `dvc exp show --json`)")
             shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
             if shown.returncode:
                 raise UserError(f"`dvc exp show --json` failed: {shown.stderr.strip().splitlines()[-1:]}")

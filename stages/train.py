@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                    sys.argv[0], *(sys.argv[1:] if argv is None else argv)]  # fmt: skip
             raise SystemExit(subprocess.run(cmd).returncode)
-        distributed.init_from_env(pick_device(cfg.device))
+        distributed.init_from_env(pick_device(cfg.device, key="train.device"))
         rank, world = distributed.rank_and_world()
         level = c.demos.level
         train_demos, val_demos = load_demos(args.train), load_demos(args.val)

@@ -78,6 +78,19 @@ class Asker:
         return None
 
 
+def _bounded(kind: type, low: float, *, above: bool = False):
+    """An argparse type: ``kind`` >= ``low`` (> with ``above``); argparse reports a bad value in one line."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"expected {'>' if above else '>='} {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,11 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     def episode_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--agent", help="checkpoint (models/tc/best.pt, models/bc/best.pt)")
         p.add_argument("--level", help="BabyAI env id (default: demos.level of ./params.yaml, the trained level)")
-        p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--seed", type=_bounded(int, 0), required=True)
         p.add_argument("--sample", action="store_true", help="sample actions instead of taking the most likely one")
-        p.add_argument("--max-steps", type=int, help="cap on the episode length (default: the level's)")
+        p.add_argument("--max-steps", type=_bounded(int, 1), help="cap on the episode length (default: the level's)")
         p.add_argument("--out", help=f"write the episode as {' or '.join(FORMATS)}")
-        p.add_argument("--fps", type=float, default=4)
+        p.add_argument("--fps", type=_bounded(float, 0, above=True), default=4)
 
     w = sub.add_parser("watch", help="run one episode and print / render it")
     episode_args(w)
@@ -97,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("steer", help="run one TC episode acting on your thought")
     episode_args(s)
     s.add_argument("--thought", help="the thought to impose, e.g. 'go to red ball to complete goto mission'")
-    s.add_argument("--from-step", type=int, default=0)
-    s.add_argument("--to-step", type=int, help="last steered step + 1 (default: to the end)")
+    s.add_argument("--from-step", type=_bounded(int, 0), default=0)
+    s.add_argument("--to-step", type=_bounded(int, 1), help="last steered step + 1 (default: to the end)")
     s.add_argument("--interactive", action="store_true", help="ask for a thought at every step")
     d = sub.add_parser("show", help="print one episode of a demo dataset with its thoughts")
     d.add_argument("demo_dir")
@@ -125,6 +138,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Rollout:
     if render and Path(args.out).suffix.lower() not in FORMATS:  # before playing a whole episode
         raise ValueError(f"--out {args.out}: unknown format; expected a file ending in {' or '.join(FORMATS)}")
     if args.command == "watch":
+        if args.mode == "bot" and args.agent is not None:
+            parser.error("watch: --mode bot plays the expert; --agent would be ignored (drop one of them)")
         agent = _load(args.agent, args.mode)
         if render:
             ep = watch(agent, level, args.seed, args.mode, argmax=not args.sample, max_steps=args.max_steps)
@@ -134,6 +149,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Rollout:
     else:
         if (args.thought is None) == (not args.interactive):
             parser.error("steer: give exactly one of --thought TEXT or --interactive")
+        if args.to_step is not None and args.to_step <= args.from_step:
+            parser.error(f"steer: --to-step {args.to_step} must be after --from-step {args.from_step}")
         ep = steer(_load(args.agent), level, args.seed, Asker() if args.interactive else args.thought,
                    from_step=args.from_step, to_step=args.to_step, argmax=not args.sample,
                    render=render, max_steps=args.max_steps)  # fmt: skip

@@ -7,8 +7,8 @@ import torch
 from tc.params import ConfigError
 
 
-def pick_device(name: str, threads: int = 0) -> torch.device:
-    """``auto``: CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is an error.
+def pick_device(name: str, threads: int = 0, key: str = "device") -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is an error naming ``key``.
 
     On the CPU, torch uses ``threads`` intra-op threads (0: torch's default). The stages'
     default is one: their step-wise ops are small, and on a shared CPU OpenMP's waiting for
@@ -17,7 +17,7 @@ def pick_device(name: str, threads: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     elif name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device is 'cuda' but torch sees no CUDA device; use auto or cpu")
+        raise ConfigError(f"{key} is 'cuda' but torch sees no CUDA device; use auto or cpu")
     device = torch.device(name)
     if device.type == "cpu" and threads > 0:
         torch.set_num_threads(threads)

@@ -357,7 +357,7 @@ class EvaluateConfig:
 
     def device_for_torch(self) -> torch.device:
         """The device of ``device``, with ``threads`` intra-op threads on the CPU (see tc.device)."""
-        return pick_device(self.device, self.threads)
+        return pick_device(self.device, self.threads, key="evaluate.device")
 
     def load_agent(self, path, mode: str):
         """The checkpoint at ``path`` for ``mode`` on this config's device, compiled as ``compile`` says."""

@@ -92,6 +92,10 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self, "train")
+        if self.nproc > min(self.batch_size, self.episodes_per_epoch):
+            # Checked here, before torchrun starts N processes that would each fail with a traceback.
+            raise ValueError(f"train.nproc = {self.nproc}: more processes than the episodes of a batch "
+                             f"(train.batch_size {self.batch_size}); each process takes a share of every batch")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -678,7 +682,7 @@ def train(
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     rank, world = distributed.rank_and_world()
-    device = pick_device(cfg.device, cfg.threads)
+    device = pick_device(cfg.device, cfg.threads, key="train.device")
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # the rank's GPU, set by the caller
     amp = cfg.amp and device.type == "cuda"

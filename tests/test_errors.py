@@ -39,14 +39,15 @@ def one_line_error(capsys, exit_info, *fragments: str) -> str:
 
 def test_corrupt_resume_checkpoint_names_the_file_and_the_way_out(tmp_path, monkeypatch, capsys, stage_main, demos_dir):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["demos"]["level"] = LEVEL
+    params["demos"].update(level=LEVEL, episodes=3, noise_rate=0.0, val_seed=100, val_episodes=1)  # the data's
     params["model"] = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16, "attn_heads": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    generate_demos(LEVEL, 100, 1, tmp_path / "val", noise_rate=0.0, progress=False)
     (tmp_path / "models/tc").mkdir(parents=True)
     (tmp_path / "models/tc/last.pt").write_bytes(b"PK\x03\x04 cut short")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        stage_main("train")(["--agent", "tc", "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/tc",
+        stage_main("train")(["--agent", "tc", "--train", str(demos_dir), "--val", "val", "--out", "models/tc",
                              "--metrics", "m.json", "--history", "h.csv"])  # fmt: skip
     err = one_line_error(capsys, exit_info, "models/tc/last.pt is not a readable agent checkpoint",
                          "delete it or pass --no-resume")
@@ -110,6 +111,23 @@ def test_watch_refuses_an_unknown_format_before_playing(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--out .*ep\.mp4: unknown format; expected a file ending in \.gif or \.html"):
         tc_main(["watch", "--mode", "bot", "--level", LEVEL, "--seed", "1", "--out", str(tmp_path / "ep.mp4")])
     assert capsys.readouterr().out == ""  # no episode was played and printed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["watch", "--mode", "bot", "--seed", "-5"], "argument --seed: expected >= 0, got -5"),
+        (["watch", "--mode", "bot", "--seed", "1", "--fps", "0"], "argument --fps: expected > 0, got 0"),
+        (["watch", "--mode", "bot", "--seed", "1", "--max-steps", "0"], "argument --max-steps: expected >= 1, got 0"),
+        (["watch", "--mode", "bot", "--seed", "1", "--agent", "x.pt"], "--agent would be ignored"),
+        (["steer", "--agent", "x.pt", "--seed", "1", "--thought", "go", "--from-step", "9", "--to-step", "2"],
+         "--to-step 2 must be after --from-step 9"),
+    ],
+)  # fmt: skip
+def test_tc_command_refuses_flags_it_could_not_honour(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        tc_main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_unknown_level(capsys):

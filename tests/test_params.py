@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tc.demos import DemosConfig
@@ -82,6 +83,12 @@ def test_params_read_as_dvc_reads_them_and_keys_not_repeated(tmp_path):
         load_params(path)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_names_the_key():
+    with pytest.raises(ConfigError, match=r"^evaluate\.device is 'cuda' but torch sees no CUDA device; use auto or cpu$"):
+        EvaluateConfig(device="cuda").device_for_torch()
+
+
 TRAIN_ARGS = ["--agent", "tc", "--out", "models/tc", "--metrics", "m.json", "--history", "h.csv"]
 
 
@@ -95,6 +102,8 @@ STAGE_CASES = [
     ("train", TRAIN_ARGS, "train.val_episodes", -2, "train.val_episodes = -2: expected an int >= 0"),
     ("train", TRAIN_ARGS, "train.sg_coef", -5, "train.sg_coef = -5: expected a number >= 0"),
     ("train", TRAIN_ARGS, "evaluate.batch_size", 0, "evaluate.batch_size = 0"),  # every section it reads
+    ("train", TRAIN_ARGS, "train.nproc", 64, "train.nproc = 64: more processes than the episodes of a batch "
+                                             "(train.batch_size 32)"),
     ("plots", [], "plots.dpi", 0, "plots.dpi = 0: expected an int >= 10 and <= 1200"),
     ("evaluate", [], "evaluate.episodes", 0, "evaluate.episodes = 0: expected an int >= 1"),
     ("evaluate", [], "evaluate.episodes", -3, "evaluate.episodes = -3"),
