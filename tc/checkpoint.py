@@ -14,7 +14,7 @@ from tc.params import UserError
 
 
 class CheckpointError(UserError, ValueError):
-    """A checkpoint file that cannot be used: unreadable, of another format or vocabulary."""
+    """A checkpoint file that cannot be used: unreadable, of another format, vocabulary or architecture."""
 
 
 CHECKPOINT_FORMAT = "thought-cloning-agent"
@@ -65,13 +65,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def check_config(path, ckpt: dict, expected: ModelConfig) -> None:
-    """Raise ValueError naming ``path`` and every field where the checkpoint's config differs."""
+    """Raise CheckpointError naming ``path`` and every field where the checkpoint's config differs."""
     saved = ckpt["model_config"]
     diff = {k: (saved.get(k), v) for k, v in expected.to_dict().items() if saved.get(k) != v}
     diff.update({k: (saved[k], None) for k in saved.keys() - expected.to_dict().keys()})
     if diff:
         text = ", ".join(f"{k}: checkpoint {a!r} vs expected {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"{path} holds a different model architecture ({text})")
+        raise CheckpointError(f"{path} holds a different model architecture ({text})")
 
 
 def load_agent(path, map_location="cpu", expected: ModelConfig | None = None) -> Agent:
@@ -82,14 +82,15 @@ def load_agent(path, map_location="cpu", expected: ModelConfig | None = None) ->
     try:
         cfg = ModelConfig.from_dict(ckpt["model_config"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} has an invalid model config: {e}") from e
+        raise CheckpointError(f"{path} has an invalid model config: {e}") from None
     agent = Agent(cfg)
     expected, weights = agent.state_dict(), ckpt["model"]
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     shapes = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
     if missing or unexpected or shapes:
         few = lambda keys: f"{keys[:5]}{'...' if len(keys) > 5 else ''}"  # noqa: E731
-        raise ValueError(f"{path} does not fit the {'TC' if cfg.use_thoughts else 'BC'} architecture of this code: "
-                         f"missing {few(missing)}, unexpected {few(unexpected)}, other shapes {few(shapes)}")
+        kind = "TC" if cfg.use_thoughts else "BC"
+        raise CheckpointError(f"{path} does not fit the {kind} architecture of this code: "
+                              f"missing {few(missing)}, unexpected {few(unexpected)}, other shapes {few(shapes)}")
     agent.load_state_dict(weights)
     return agent.to(map_location)

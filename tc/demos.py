@@ -367,6 +367,9 @@ def load_demos(path: str | Path) -> Demos:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise DatasetError(f"corrupt manifest {manifest_path}: {err}") from err
+    keys = ("level", "shards", "num_episodes", "num_steps")
+    if missing := [k for k in keys if not isinstance(manifest, dict) or k not in manifest]:
+        raise DatasetError(f"{manifest_path} is not a dataset manifest (no {', '.join(missing)}): regenerate it")
     if manifest.get("vocab_version") != vocab.VOCAB_VERSION or manifest.get("format_version") != FORMAT_VERSION:
         raise DatasetError(
             f"{manifest_path}: format {manifest.get('format_version')} / vocabulary {manifest.get('vocab_version')}, "

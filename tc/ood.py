@@ -1,4 +1,4 @@
-"""Out-of-distribution level sets: seeds of a level (the paper: BossLevel) binned by behavioural and cognitive difficulty.
+"""Out-of-distribution level sets: seeds of a level (paper: BossLevel) binned by behavioural and cognitive difficulty.
 
 Behavioural difficulty of a seed: the number of steps the expert bot needs to solve it
 (minigrid's BabyAIBot, whose plan tc.thoughts.ThoughtBot follows; no noise), run as
@@ -202,4 +202,13 @@ def load_level_sets(path: str | Path) -> dict:
     missing = [k for k in ("env_id", *AXES) if not isinstance(sets, dict) or k not in sets]
     if missing:
         raise FileFormatError(f"{path}: not an OOD level-set file (missing keys {missing})")
+    try:
+        check_env_id(sets["env_id"])
+    except ValueError as err:
+        raise FileFormatError(f"{path}: env_id: {err}") from None
+    for axis in AXES:
+        bins = sets[axis]
+        if not isinstance(bins, dict) or not all(
+                isinstance(seeds, list) and all(type(s) is int and s >= 0 for s in seeds) for seeds in bins.values()):
+            raise FileFormatError(f"{path}: {axis}: expected a mapping of bins to lists of seeds (ints >= 0)")
     return sets

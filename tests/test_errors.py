@@ -207,3 +207,21 @@ def test_stages_name_a_wrong_or_malformed_input_file(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as exit_info:
         stage_main("plots")(["--history", "tc=train_tc.csv", "--out", "figures"])
     one_line_error(capsys, exit_info, "train_tc.csv: history CSV lacks columns ['val_success']")
+    # Hand-edited or foreign files: a level set with a bad bin, a manifest of another shape,
+    # a checkpoint whose weights do not fit its architecture.
+    (tmp_path / "levels.json").write_text('{"env_id": "BabyAI-GoToObj-v0", "behavioural": {"25": ["7"]}, "cognitive": {}}')
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("evaluate_ood")(["--levels", "levels.json", "--tc", "bc.pt", "--bc", "bc.pt"])
+    one_line_error(capsys, exit_info, "levels.json: behavioural: expected a mapping of bins to lists of seeds")
+    (tmp_path / "demos").mkdir()
+    (tmp_path / "demos/manifest.json").write_text("[]")
+    with pytest.raises(SystemExit) as exit_info:
+        tc_main(["show", "demos", "0"])
+    one_line_error(capsys, exit_info, "demos/manifest.json is not a dataset manifest (no level, shards")
+    save_checkpoint(tmp_path / "tc.pt", Agent(ModelConfig(**tiny)))
+    ckpt = torch.load(tmp_path / "tc.pt", weights_only=True)
+    ckpt["model_config"]["memory_dim"] = 64  # weights of memory 32
+    torch.save(ckpt, tmp_path / "misfit.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("evaluate")(["--tc", "misfit.pt", "--bc", "bc.pt"])
+    one_line_error(capsys, exit_info, "misfit.pt does not fit the TC architecture of this code")
