@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from tc import distributed, tracking
 from tc.checkpoint import CheckpointError, check_config, load_checkpoint
-from tc.demos import Demos, DemosConfig, load_demos
+from tc.demos import Demos, DemosConfig, load_demos, read_manifest
 from tc.device import pick_device
 from tc.evaluate import EvaluateConfig, evaluate, summarize
 from tc.history import history_csv
@@ -87,6 +87,27 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
     return True
 
 
+def data_settings(args, demos_cfg: DemosConfig, warn: bool) -> DemosConfig:
+    """``demos_cfg`` as the --train and --val data were made (their manifests; no shard is read).
+
+    Demos of another level are refused. Other settings are taken from the data, with a
+    warning when ``warn``: run by hand on other data, MLflow and the validation rollouts
+    follow the data, not params.yaml.
+    """
+    train, val = read_manifest(args.train), read_manifest(args.val)
+    for flag, manifest in (("--train", train), ("--val", val)):
+        if manifest["level"] != demos_cfg.level:
+            raise UserError(f"{flag} holds {manifest['level']} demos, but {args.params} demos.level is "
+                            f"{demos_cfg.level}")
+    made = {"seed": train["first_seed"], "episodes": train["episodes"], "noise_rate": train["noise_rate"],
+            "val_seed": val["first_seed"], "val_episodes": val["episodes"]}  # fmt: skip
+    differ = [f"demos.{k} {getattr(demos_cfg, k)!r} vs {v!r}" for k, v in made.items() if getattr(demos_cfg, k) != v]
+    if differ and warn:
+        print(f"warning: --train/--val were made with other settings than {args.params} says ({'; '.join(differ)}); "
+              f"the run records the data's", file=sys.stderr)
+    return replace(demos_cfg, **made)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="reads model.*, train.*, demos.*, evaluate.batch_size")
@@ -111,26 +132,14 @@ def main(argv: list[str] | None = None) -> None:
             check_output(path, flag)
         check_output(args.out, "--out", folder=True)
         if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            data_settings(args, c.demos, warn=False)  # the data's errors in one line, before torchrun's N processes
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                    sys.argv[0], *(sys.argv[1:] if argv is None else argv)]  # fmt: skip
             raise SystemExit(subprocess.run(cmd).returncode)
         distributed.init_from_env(pick_device(cfg.device, key="train.device"))
         rank, world = distributed.rank_and_world()
-        level = c.demos.level
+        demos_cfg = data_settings(args, c.demos, warn=rank == 0)
         train_demos, val_demos = load_demos(args.train), load_demos(args.val)
-        for name, demos in (("--train", train_demos), ("--val", val_demos)):
-            if demos.manifest["level"] != level:
-                raise UserError(f"{name} holds {demos.manifest['level']} demos, but {args.params} demos.level "
-                                f"is {level}")
-        made = {"seed": train_demos.manifest["first_seed"], "episodes": train_demos.manifest["episodes"],
-                "noise_rate": train_demos.manifest["noise_rate"], "val_seed": val_demos.manifest["first_seed"],
-                "val_episodes": val_demos.manifest["episodes"]}  # fmt: skip
-        differ = [f"demos.{k} {getattr(c.demos, k)!r} vs {v!r}" for k, v in made.items() if getattr(c.demos, k) != v]
-        if differ:
-            if rank == 0:  # run by hand on other data: MLflow and the validation rollouts follow the data
-                print(f"warning: --train/--val were made with other settings than {args.params} says "
-                      f"({'; '.join(differ)}); the run records the data's", file=sys.stderr)
-        demos_cfg = replace(c.demos, **made)
         code = code_digest(__file__)
         resume = not args.no_resume and can_resume(Path(args.out) / "last.pt", model_cfg, cfg, train_demos,
                                                    args.restart_if_changed, code)  # fmt: skip

@@ -357,10 +357,9 @@ def write_manifest(out_dir: str | Path, config: dict | None = None) -> dict:
 # -- loading ----------------------------------------------------------------------------
 
 
-def load_demos(path: str | Path) -> Demos:
-    """Load a complete dataset directory into flat arrays, checking every shard."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of the dataset directory ``path``, checked to be one this code reads (no shard is read)."""
+    manifest_path = Path(path) / MANIFEST
     if not manifest_path.exists():
         raise DatasetError(f"{manifest_path} not found: {path} is not a dataset or its generation did not finish")
     try:
@@ -375,6 +374,13 @@ def load_demos(path: str | Path) -> Demos:
             f"{manifest_path}: format {manifest.get('format_version')} / vocabulary {manifest.get('vocab_version')}, "
             f"this code reads format {FORMAT_VERSION} / vocabulary {vocab.VOCAB_VERSION}: regenerate the dataset"
         )
+    return manifest
+
+
+def load_demos(path: str | Path) -> Demos:
+    """Load a complete dataset directory into flat arrays, checking every shard."""
+    path = Path(path)
+    manifest = read_manifest(path)
     shards = [read_shard(path / name) for name in manifest["shards"]]
     lengths = np.concatenate([s["lengths"] for s in shards])
     if len(lengths) != manifest["num_episodes"] or int(lengths.sum()) != manifest["num_steps"]:

@@ -78,6 +78,19 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "taken"]  # nothing made, no mlflow.db
 
 
+def test_data_of_another_level_is_refused_before_torchrun_starts(tmp_path, monkeypatch, capsys, stage_main, demos_dir):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["nproc"] = 2  # without the check here, each of 2 processes fails, then torchrun's traceback
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("train")(["--agent", "bc", "--train", str(demos_dir), "--val", str(demos_dir), "--out", "models/bc",
+                             "--metrics", "m.json", "--history", "h.csv"])  # fmt: skip
+    one_line_error(capsys, exit_info, f"--train holds {LEVEL} demos, but params.yaml demos.level is "
+                                      f"{params['demos']['level']}")
+
+
 def test_truncated_shard_in_tc_show(tmp_path, capsys, demos_dir):
     copy = tmp_path / "demos"
     copy.mkdir()
