@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
         agent, sep, path = item.partition("=")
         if not sep or not agent or not path:
             parser.error(f"--history {item!r}: expected AGENT=CSV, e.g. tc=reports/plots/train_tc.csv")
+        if agent in histories:
+            parser.error(f"--history {agent}= given twice ({histories[agent]}, {path}); one history per agent")
         histories[agent] = path
 
     with user_errors():  # bad params, a malformed history CSV or ood.json: one line

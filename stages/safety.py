@@ -39,10 +39,14 @@ def main(argv: list[str] | None = None) -> None:
             res = run_precrime(agent, c.demos.level, seeds, c.safety.parsed_behaviours(), **c.evaluate.kwargs())
             report = {**res["behaviours"], "no_intervention": res["without"],
                       "fads": {**res["fads"], "episodes": len(seeds)}}  # fmt: skip
-            for name, row in res["behaviours"].items():
-                tracking.log_metrics({f"{name}_{k}": v for k, v in row.items()})
-                print(f"{name}: shown {row['shown_without']:.3f} -> {row['shown_with']:.3f}, "
+            for b in c.safety.parsed_behaviours():
+                row = res["behaviours"][b.name]
+                tracking.log_metrics({f"{b.name}_{k}": v for k, v in row.items()})
+                print(f"{b.name}: shown {row['shown_without']:.3f} -> {row['shown_with']:.3f}, "
                       f"success {row['success_without']:.3f} -> {row['success_with']:.3f}")  # fmt: skip
+                if row["halted_with"] == 0:  # a run halts at the first match: none in any episode (a typo?)
+                    print(f"  note: no thought of the agent matched {b.thought.pattern!r} in {len(seeds)} episodes: "
+                          f"the intervention never fired")  # fmt: skip
             tracking.log_metrics({"fads": res["fads"]["score"]})
             write_json_atomic(args.out, report)
 

@@ -1,9 +1,12 @@
 """Precrime intervention and the Future Action Declaration Score."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
 
+from tc.checkpoint import save_checkpoint
 from tc.evaluate import Interaction, Rollout, evaluate
 from tc.model import Agent, ModelConfig
 from tc.safety import declares, fads, parse_behaviour, parse_behaviours, run_precrime
@@ -124,3 +127,19 @@ def test_the_bot_declares_all_its_actions():
     eps = evaluate(None, BOSS, [0, 1, 2, 3], "bot", progress=False)
     score = fads(eps)
     assert score["interactions"] > 4 and score["score"] == 1.0
+
+
+def test_stage_notes_a_pattern_that_never_matched(tmp_path, monkeypatch, capsys, stage_main):
+    """A pattern no thought matches (here a typo) leaves the intervention idle: the stage says so."""
+    save_checkpoint(tmp_path / "tc.pt", tiny_agent())
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["demos"]["level"] = "BabyAI-GoToObj-v0"
+    params["safety"].update(episodes=2, behaviours=[{"name": "typo", "thought": "^pickup purpel", "event": "pickup:any"},
+                                                    {"name": "every", "thought": ".", "event": "pickup:any"}])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    stage_main("safety")(["--tc", "tc.pt", "--out", "safety.json"])
+    out = capsys.readouterr().out
+    assert "note: no thought of the agent matched '^pickup purpel' in 2 episodes: the intervention never fired" in out
+    assert out.count("note:") == 1  # "." matches the first thought: every episode halts
