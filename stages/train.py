@@ -39,7 +39,7 @@ from tc.evaluate import EvaluateConfig, evaluate, summarize
 from tc.history import history_csv
 from tc.io import check_output, write_json_atomic, write_text_atomic
 from tc.model import ModelConfig
-from tc.params import UserError, load_configs, user_errors
+from tc.params import ConfigError, UserError, check_seed_ranges, load_configs, user_errors
 from tc.provenance import code_digest, record_digest, recorded_digest
 from tc.train import TrainConfig, check_resume, train
 
@@ -105,7 +105,13 @@ def data_settings(args, demos_cfg: DemosConfig, warn: bool) -> DemosConfig:
     if differ and warn:
         print(f"warning: --train/--val were made with other settings than {args.params} says ({'; '.join(differ)}); "
               f"the run records the data's", file=sys.stderr)
-    return replace(demos_cfg, **made)
+    data = replace(demos_cfg, **made)
+    try:
+        check_seed_ranges([data])
+    except ConfigError as err:  # a hand run's choice (tests do it), not refused as in params.yaml
+        if warn:
+            print(f"warning: --val is not held out: {err}", file=sys.stderr)
+    return data
 
 
 def main(argv: list[str] | None = None) -> None:

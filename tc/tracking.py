@@ -57,7 +57,8 @@ def check_tracking(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     MLflow's HTTP client retries a dead server with backoff for minutes, and only at
     the first log call; probing here turns that into an immediate, explicit error.
     """
-    hint = f"(tracking URI {uri!r}, set by {URI_ENV} or defaulting to sqlite:///<repo>/mlflow.db)"
+    hint = (f"(tracking URI {uri!r}, set by {URI_ENV} or defaulting to sqlite:///<repo>/mlflow.db, <repo> being "
+            f"DVC_ROOT or the working directory)")
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
@@ -73,6 +74,9 @@ def check_tracking(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             f"`mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, "
             f"or unset {URI_ENV} to log to the local mlflow.db."
         )
+    if uri in ("sqlite://", "sqlite:///:memory:"):
+        raise TrackingUnavailableError(f"MLflow store {uri} is in memory: its runs would vanish when the stage ends; "
+                                       f"give a file, e.g. sqlite:///mlflow.db")
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):

@@ -179,6 +179,8 @@ def test_stage_writes_models_metrics_and_history(tmp_path, demos_dir):
     # stage says so, and the MLflow run records the data's settings.
     assert "warning: --train/--val were made with other settings than params.yaml says (demos.episodes 500 vs 8; " \
            "demos.noise_rate 0.01 vs 0.0; demos.val_seed 100000000 vs 0; demos.val_episodes 30 vs 8)" in done.stderr
+    assert "warning: --val is not held out: demos.val_seed: validation seeds 0..7 overlap the training seeds 0..7" \
+           in done.stderr  # the same folder given as both
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert (run.data.params["demos.episodes"], run.data.params["demos.noise_rate"]) == ("8", "0.0")
