@@ -33,6 +33,7 @@ import tc.demos
 from tc.demos import generate_demos, run_episode
 from tc.envs import babyai_ids, make_env, reset_quiet
 from tc.io import write_json_atomic
+from tc.params import user_errors
 from tc.thoughts import BotMismatch
 
 PAPER_EPISODES = 1_000_000
@@ -198,4 +199,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a missing or malformed input: one line
+        main()

@@ -39,7 +39,7 @@ from tc.evaluate import evaluate
 from tc.checkpoint import load_agent
 from tc.kernels import COMPILE_MODES
 from tc.model import Agent, ModelConfig, compile_or_warn
-from tc.params import load_params
+from tc.params import load_params, user_errors
 
 
 def main() -> None:
@@ -64,6 +64,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cuda_graphs and args.device != "cuda":
         parser.error("--cuda-graphs needs --device cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
 
     seeds = list(range(args.episodes))
     load_at_start = os.getloadavg()
@@ -145,4 +147,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a missing or malformed input: one line
+        main()

@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tc.demos import generate_demos, load_demos
 from tc.io import write_json_atomic
 from tc.model import Agent, ModelConfig
+from tc.params import user_errors
 from tc.train import Padding, TrainConfig, chunk_terms, loss_scale, make_batch, objective
 from tc.vocab import PAD
 from train_throughput import PAPER_MODEL  # a sibling script: the same paper size
@@ -158,4 +159,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a missing or malformed input: one line
+        main()

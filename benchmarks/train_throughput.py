@@ -53,6 +53,7 @@ from tc.demos import generate_demos, load_demos
 from tc.io import write_json_atomic
 from tc.kernels import COMPILE_MODES
 from tc.model import Agent, ModelConfig, compile_or_warn, count_parameters
+from tc.params import user_errors
 from tc.train import ChunkGraphs, Padding, TrainConfig, epoch_batches, loss_scale, make_batch, train_update, use_tf32
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +181,8 @@ def main() -> None:
     ap.add_argument("--one", nargs=7, metavar=("AGENT", "BATCH", "PRECISION", "THREADS", "COMPILE", "GRAPHS", "TF"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
 
     if args.one:  # child process: one measurement of ours, printed as JSON
         agent_kind, batch, precision, threads, mode, graphs, tf = args.one
@@ -273,4 +276,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a missing or malformed input: one line
+        main()
