@@ -70,7 +70,7 @@ def test_numbers_are_normalised():
 
 def test_params_read_as_dvc_reads_them_and_keys_not_repeated(tmp_path):
     path = tmp_path / "params.yaml"
-    # `5e-4` is a number to DVC (YAML 1.2: `dvc exp run -S train.lr=5e-4`), a string to PyYAML alone.
+    # A hand-written `5e-4` is a number to DVC (YAML 1.2, e.g. `dvc params diff`), a string to PyYAML alone.
     path.write_text("train:\n  lr: 5e-4\n  max_grad_norm: 1E+1\n  device: 5e-4x\n")
     assert load_params(path)["train"] == {"lr": 0.0005, "max_grad_norm": 10.0, "device": "5e-4x"}
     assert yaml.safe_load(path.read_text())["train"]["lr"] == "5e-4"
