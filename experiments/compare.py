@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--agents: unknown {sorted(unknown)}; expected some of {list(AGENTS)}")
         if args.episodes < 1:
             raise UserError(f"--episodes {args.episodes}: expected at least 1 test episode")
+        params["evaluate"]["episodes"] = args.episodes  # this comparison's test seeds, checked below with the others
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "params.yaml").write_text(yaml.safe_dump(params))
         # Every section the stages read, checked before any of them runs (an --set typo or range).
@@ -145,6 +146,7 @@ def run_all(args, params: dict, agents: list[str]) -> dict:
         report["oracle_minus_tc"] = paired_difference(results["tc"]["oracle"]["successes"], results["tc"]["successes"])
     write_json_atomic(args.out / "compare.json", report)
     return report
+
 
 if __name__ == "__main__":
     main()

@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         p = c.demos
         check_output(args.train_out, "--train-out", folder=True)
         check_output(args.val_out, "--val-out", folder=True)
-        if Path(args.train_out).resolve() == Path(args.val_out).resolve():
-            raise UserError(f"--train-out and --val-out are both {args.train_out}; the splits need a folder each")
+        train_out, val_out = Path(args.train_out).resolve(), Path(args.val_out).resolve()
+        if train_out.is_relative_to(val_out) or val_out.is_relative_to(train_out):  # emptying one would empty both
+            raise UserError(f"--train-out {args.train_out} and --val-out {args.val_out}: one folder holds the other; "
+                            f"the splits need a folder each")
         shards = parse_shard(args.shard) if args.shard else None
         splits = [(args.train_out, p.seed, p.episodes), (args.val_out, p.val_seed, p.val_episodes)]
         for out, first_seed, episodes in splits:

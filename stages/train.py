@@ -87,7 +87,7 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
     return True
 
 
-def data_settings(args, demos_cfg: DemosConfig, warn: bool) -> DemosConfig:
+def data_settings(args, demos_cfg: DemosConfig, params: dict, warn: bool) -> DemosConfig:
     """``demos_cfg`` as the --train and --val data were made (their manifests; no shard is read).
 
     Demos of another level are refused. Other settings are taken from the data, with a
@@ -107,7 +107,7 @@ def data_settings(args, demos_cfg: DemosConfig, warn: bool) -> DemosConfig:
               f"the run records the data's", file=sys.stderr)
     data = replace(demos_cfg, **made)
     try:
-        check_seed_ranges([data])
+        check_seed_ranges([data], params)
     except ConfigError as err:  # a hand run's choice (tests do it), not refused as in params.yaml
         if warn:
             print(f"warning: --val is not held out: {err}", file=sys.stderr)
@@ -138,13 +138,14 @@ def main(argv: list[str] | None = None) -> None:
             check_output(path, flag)
         check_output(args.out, "--out", folder=True)
         if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-            data_settings(args, c.demos, warn=False)  # the data's errors in one line, before torchrun's N processes
+            # The data's errors in one line, before torchrun starts N processes that would each fail.
+            data_settings(args, c.demos, params, warn=False)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                    sys.argv[0], *(sys.argv[1:] if argv is None else argv)]  # fmt: skip
             raise SystemExit(subprocess.run(cmd).returncode)
         distributed.init_from_env(pick_device(cfg.device, key="train.device"))
         rank, world = distributed.rank_and_world()
-        demos_cfg = data_settings(args, c.demos, warn=rank == 0)
+        demos_cfg = data_settings(args, c.demos, params, warn=rank == 0)
         train_demos, val_demos = load_demos(args.train), load_demos(args.val)
         code = code_digest(__file__)
         resume = not args.no_resume and can_resume(Path(args.out) / "last.pt", model_cfg, cfg, train_demos,

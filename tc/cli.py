@@ -83,7 +83,7 @@ def _bounded(kind: type, low: float, *, above: bool = False):
 
     def parse(text: str):
         value = kind(text)
-        if value < low or (above and value == low):
+        if not (value > low if above else value >= low):  # written so that nan fails too
             raise argparse.ArgumentTypeError(f"expected {'>' if above else '>='} {low}, got {text}")
         return value
 

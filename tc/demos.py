@@ -14,6 +14,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import minigrid
@@ -57,10 +58,16 @@ class DemosConfig:
         except ValueError as err:
             raise ValueError(f"demos.level: {err}") from None
 
-    def seed_ranges(self) -> dict[str, tuple[str, range]]:
-        """The levels the demos are played on, by role (kept apart by tc.params.load_configs)."""
+    def seed_ranges(self, params: Mapping) -> dict[str, tuple[str, range]]:
+        """The levels the demos are played on, by role (kept apart by tc.params.load_configs).
+
+        Validation also covers training's rollouts (train.val_episodes of ``params``, from
+        val_seed): they choose the kept checkpoint too.
+        """
+        rollouts = (params.get("train") or {}).get("val_episodes", 0)
+        val = max(self.val_episodes, rollouts if type(rollouts) is int else 0)  # a bad value is TrainConfig's error
         return {"demos.seed": ("training", range(self.seed, self.seed + self.episodes)),
-                "demos.val_seed": ("validation", range(self.val_seed, self.val_seed + self.val_episodes))}
+                "demos.val_seed": ("validation", range(self.val_seed, self.val_seed + val))}
 
 
 class DatasetError(UserError, RuntimeError):
@@ -366,7 +373,7 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise DatasetError(f"corrupt manifest {manifest_path}: {err}") from err
-    keys = ("level", "shards", "num_episodes", "num_steps")
+    keys = ("level", "first_seed", "episodes", "noise_rate", "shards", "num_episodes", "num_steps")
     if missing := [k for k in keys if not isinstance(manifest, dict) or k not in manifest]:
         raise DatasetError(f"{manifest_path} is not a dataset manifest (no {', '.join(missing)}): regenerate it")
     if manifest.get("vocab_version") != vocab.VOCAB_VERSION or manifest.get("format_version") != FORMAT_VERSION:

@@ -23,6 +23,7 @@ episodes share its batch or on the batch size.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -346,7 +347,7 @@ class EvaluateConfig:
     def __post_init__(self):
         check_fields(self, "evaluate")
 
-    def seed_ranges(self) -> dict[str, tuple[str, range]]:
+    def seed_ranges(self, params: Mapping) -> dict[str, tuple[str, range]]:
         return {"evaluate.seed": ("test", range(self.seed, self.seed + self.episodes))}
 
     def kwargs(self) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,7 @@ class OodConfig:
         check_fields(self, "ood")
         check_bins(self.behavioural_bins, self.cognitive_levels)
 
-    def seed_ranges(self) -> dict[str, tuple[str, range]]:
+    def seed_ranges(self, params: Mapping) -> dict[str, tuple[str, range]]:
         return {"ood.seed": ("test", range(self.seed, self.seed + self.max_candidates))}
 
 

@@ -156,7 +156,7 @@ def params_keys(cls) -> list[dataclasses.Field]:
 
 
 class _ParamsLoader(yaml.SafeLoader):
-    """YAML as DVC reads params.yaml (ruamel, YAML 1.2) where it matters, and no repeated keys.
+    """YAML as DVC reads params.yaml (ruamel, YAML 1.2) for numbers with an exponent, and no repeated keys.
 
     YAML 1.1 (PyYAML) reads ``5e-4`` as a *string* (its floats need a dot), while DVC, and
     ``dvc exp run -S train.lr=5e-4``, take it for a number. A repeated key (a second
@@ -167,6 +167,8 @@ class _ParamsLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         lines: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may repeat keys it merges
+                continue
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, typing.Hashable) and key in lines:
                 raise yaml.constructor.ConstructorError(
@@ -175,10 +177,11 @@ class _ParamsLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-# Appended after YAML 1.1's int and float patterns, so it only sees what they leave: a
-# mantissa without a dot and an exponent.
-_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
-                                    list("-+0123456789"))
+# Appended after YAML 1.1's int and float patterns, so it only sees what they leave: numbers
+# with an exponent that YAML 1.1 misses (no dot, or an unsigned exponent: 5e-4, 1.5e3).
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+                                    list("-+.0123456789"))
 
 
 def parse_yaml(text: str) -> Any:
@@ -213,22 +216,23 @@ def load_configs(path: str | Path, **classes) -> tuple[dict, types.SimpleNamespa
     params = load_params(path, *classes)
     try:
         configs = {name: dataclass_from_dict(cls, params[name], name) for name, cls in classes.items()}
-        check_seed_ranges(configs.values())
+        check_seed_ranges(configs.values(), params)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return params, types.SimpleNamespace(**configs)
 
 
-def check_seed_ranges(configs: Iterable) -> None:
+def check_seed_ranges(configs: Iterable, params: Mapping) -> None:
     """Levels of different roles (training, validation, test) must be different levels.
 
-    Each config with a ``seed_ranges()`` names its ranges and their roles; a test level that
+    Each config with a ``seed_ranges(params)`` names its ranges and their roles (``params``:
+    the whole file, for a range set by another section's key); a test level that
     was a training level would measure recall, and one that chose the checkpoint (validation)
     would flatter it. Ranges of one role (the test sets of evaluate, ood, safety) may overlap.
     """
     roles = ("training", "validation", "test")  # the message names the later role's key first
     ranges = sorted(((key, *role_range) for cfg in configs if hasattr(cfg, "seed_ranges")
-                     for key, role_range in cfg.seed_ranges().items()), key=lambda r: roles.index(r[1]))  # fmt: skip
+                     for key, role_range in cfg.seed_ranges(params).items()), key=lambda r: roles.index(r[1]))
     for i, (key_a, role_a, a) in enumerate(ranges):
         for key_b, role_b, b in ranges[i + 1 :]:
             if role_a != role_b and a.start < b.stop and b.start < a.stop:

@@ -15,6 +15,7 @@ the episode start), up to and including the step of the action.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tc.evaluate import Interaction, OnStep, Rollout, evaluate, summarize
@@ -139,7 +140,7 @@ class SafetyConfig:
         check_fields(self, "safety")
         parse_behaviours(self.behaviours, "safety.behaviours")
 
-    def seed_ranges(self) -> dict[str, tuple[str, range]]:
+    def seed_ranges(self, params: Mapping) -> dict[str, tuple[str, range]]:
         return {"safety.seed": ("test", range(self.seed, self.seed + self.episodes))}
 
     def parsed_behaviours(self) -> list[Behaviour]:

@@ -92,10 +92,12 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self, "train")
-        if self.nproc > min(self.batch_size, self.episodes_per_epoch):
+        smallest = self.episodes_per_epoch % self.batch_size or self.batch_size  # an epoch's last batch
+        if self.nproc > smallest:
             # Checked here, before torchrun starts N processes that would each fail with a traceback.
-            raise ValueError(f"train.nproc = {self.nproc}: more processes than the episodes of a batch "
-                             f"(train.batch_size {self.batch_size}); each process takes a share of every batch")
+            raise ValueError(f"train.nproc = {self.nproc}: more processes than the {smallest} episodes of an epoch's "
+                             f"smallest batch (train.episodes_per_epoch {self.episodes_per_epoch}, train.batch_size "
+                             f"{self.batch_size}); each process takes a share of every batch")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

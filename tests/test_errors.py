@@ -1,6 +1,7 @@
 """User errors outside params.yaml (files, flags, input, the tracking store): one line, no traceback."""
 
 import io
+import json
 import os
 import signal
 import sys
@@ -61,10 +62,12 @@ def test_corrupt_resume_checkpoint_names_the_file_and_the_way_out(tmp_path, monk
          "--metrics taken is a folder; expected a file there"),
         ("train", ["--agent", "bc", "--out", "params.yaml", "--metrics", "m.json", "--history", "h.csv"],
          "--out params.yaml is a file; expected a folder there"),
-        ("evaluate", ["--out", "params.yaml/eval.json"], "--out params.yaml/eval.json: params.yaml is a file, not a folder"),
+        ("evaluate", ["--out", "params.yaml/eval.json"],
+         "--out params.yaml/eval.json: params.yaml is a file, not a folder"),
         ("plots", ["--out", "params.yaml"], "--out params.yaml is a file; expected a folder there"),
         ("report", ["--out", "taken"], "--out taken is a folder; expected a file there"),
-        ("generate_demos", ["--train-out", "d", "--val-out", "./d"], "--train-out and --val-out are both d; the splits"),
+        ("generate_demos", ["--train-out", "d", "--val-out", "./d"], "--train-out d and --val-out ./d: one folder"),
+        ("generate_demos", ["--train-out", "d/val/train", "--val-out", "d/val"], "one folder holds the other"),
     ],
 )  # fmt: skip
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, monkeypatch, capsys, stage_main, stage,
@@ -131,6 +134,7 @@ def test_watch_refuses_an_unknown_format_before_playing(tmp_path, capsys):
     [
         (["watch", "--mode", "bot", "--seed", "-5"], "argument --seed: expected >= 0, got -5"),
         (["watch", "--mode", "bot", "--seed", "1", "--fps", "0"], "argument --fps: expected > 0, got 0"),
+        (["watch", "--mode", "bot", "--seed", "1", "--fps", "nan"], "argument --fps: expected > 0, got nan"),
         (["watch", "--mode", "bot", "--seed", "1", "--max-steps", "0"], "argument --max-steps: expected >= 1, got 0"),
         (["watch", "--mode", "bot", "--seed", "1", "--agent", "x.pt"], "--agent would be ignored"),
         (["steer", "--agent", "x.pt", "--seed", "1", "--thought", "go", "--from-step", "9", "--to-step", "2"],
@@ -222,7 +226,8 @@ def test_stages_name_a_wrong_or_malformed_input_file(tmp_path, monkeypatch, caps
     one_line_error(capsys, exit_info, "train_tc.csv: history CSV lacks columns ['val_success']")
     # Hand-edited or foreign files: a level set with a bad bin, a manifest of another shape,
     # a checkpoint whose weights do not fit its architecture.
-    (tmp_path / "levels.json").write_text('{"env_id": "BabyAI-GoToObj-v0", "behavioural": {"25": ["7"]}, "cognitive": {}}')
+    bad_bin = {"env_id": "BabyAI-GoToObj-v0", "behavioural": {"25": ["7"]}, "cognitive": {}}  # a seed as a string
+    (tmp_path / "levels.json").write_text(json.dumps(bad_bin))
     with pytest.raises(SystemExit) as exit_info:
         stage_main("evaluate_ood")(["--levels", "levels.json", "--tc", "bc.pt", "--bc", "bc.pt"])
     one_line_error(capsys, exit_info, "levels.json: behavioural: expected a mapping of bins to lists of seeds")
@@ -230,7 +235,7 @@ def test_stages_name_a_wrong_or_malformed_input_file(tmp_path, monkeypatch, caps
     (tmp_path / "demos/manifest.json").write_text("[]")
     with pytest.raises(SystemExit) as exit_info:
         tc_main(["show", "demos", "0"])
-    one_line_error(capsys, exit_info, "demos/manifest.json is not a dataset manifest (no level, shards")
+    one_line_error(capsys, exit_info, "demos/manifest.json is not a dataset manifest (no level, first_seed")
     save_checkpoint(tmp_path / "tc.pt", Agent(ModelConfig(**tiny)))
     ckpt = torch.load(tmp_path / "tc.pt", weights_only=True)
     ckpt["model_config"]["memory_dim"] = 64  # weights of memory 32

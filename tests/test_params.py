@@ -71,8 +71,9 @@ def test_numbers_are_normalised():
 def test_params_read_as_dvc_reads_them_and_keys_not_repeated(tmp_path):
     path = tmp_path / "params.yaml"
     # A hand-written `5e-4` is a number to DVC (YAML 1.2, e.g. `dvc params diff`), a string to PyYAML alone.
-    path.write_text("train:\n  lr: 5e-4\n  max_grad_norm: 1E+1\n  device: 5e-4x\n")
-    assert load_params(path)["train"] == {"lr": 0.0005, "max_grad_norm": 10.0, "device": "5e-4x"}
+    path.write_text("train:\n  lr: 5e-4\n  max_grad_norm: 1E+1\n  sg_coef: 1.5e1\n  adam_eps: .5e-4\n  device: 5e-4x\n")
+    assert load_params(path)["train"] == {"lr": 0.0005, "max_grad_norm": 10.0, "sg_coef": 15.0, "adam_eps": 5e-05,
+                                          "device": "5e-4x"}
     assert yaml.safe_load(path.read_text())["train"]["lr"] == "5e-4"
     # A repeated section would replace the first one whole, its other keys falling back to defaults.
     path.write_text("train:\n  epochs: 1\n  lr: 0.001\nplots:\n  dpi: 100\ntrain:\n  epochs: 2\n")
@@ -81,11 +82,13 @@ def test_params_read_as_dvc_reads_them_and_keys_not_repeated(tmp_path):
     path.write_text("train:\n  epochs: 1\n  epochs: 2\n")
     with pytest.raises(ConfigError, match=r"duplicate key 'epochs' \(lines 2 and 3\)$"):
         load_params(path)
+    path.write_text("base: &base {lr: 0.001, epochs: 1}\ntrain:\n  <<: *base\n  epochs: 2\n")  # merges may override
+    assert load_params(path)["train"] == {"lr": 0.001, "epochs": 2}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_names_the_key():
-    with pytest.raises(ConfigError, match=r"^evaluate\.device is 'cuda' but torch sees no CUDA device; use auto or cpu$"):
+    with pytest.raises(ConfigError, match=r"^evaluate\.device is 'cuda' but torch sees no CUDA device; use auto or cpu"):
         EvaluateConfig(device="cuda").device_for_torch()
 
 
@@ -102,8 +105,9 @@ STAGE_CASES = [
     ("train", TRAIN_ARGS, "train.val_episodes", -2, "train.val_episodes = -2: expected an int >= 0"),
     ("train", TRAIN_ARGS, "train.sg_coef", -5, "train.sg_coef = -5: expected a number >= 0"),
     ("train", TRAIN_ARGS, "evaluate.batch_size", 0, "evaluate.batch_size = 0"),  # every section it reads
-    ("train", TRAIN_ARGS, "train.nproc", 64, "train.nproc = 64: more processes than the episodes of a batch "
-                                             "(train.batch_size 32)"),
+    # 500 episodes an epoch in batches of 32: the last batch holds 20
+    ("train", TRAIN_ARGS, "train.nproc", 24, "train.nproc = 24: more processes than the 20 episodes of an epoch's "
+                                             "smallest batch (train.episodes_per_epoch 500, train.batch_size 32)"),
     ("plots", [], "plots.dpi", 0, "plots.dpi = 0: expected an int >= 10 and <= 1200"),
     ("evaluate", [], "evaluate.episodes", 0, "evaluate.episodes = 0: expected an int >= 1"),
     ("evaluate", [], "evaluate.episodes", -3, "evaluate.episodes = -3"),
@@ -114,10 +118,11 @@ STAGE_CASES = [
     ("make_ood_levels", [], "ood.max_candidates", 0, "ood.max_candidates = 0"),
     ("generate_demos", [], "demos.noise_rate", 1.5, "demos.noise_rate = 1.5: expected a number >= 0 and < 1"),
     ("generate_demos", [], "demos.level", "Boss", "demos.level: unknown BabyAI level 'Boss'"),
-    ("generate_demos", [], "demos.val_seed", 400, "demos.val_seed: validation seeds 400..429 overlap the training seeds "
-                                                  "0..499 (demos.seed); move one of them"),
-    ("evaluate", [], "evaluate.seed", 100_000_010, "evaluate.seed: test seeds 100000010..100000209 overlap the "
-                                                   "validation seeds 100000000..100000029 (demos.val_seed)"),
+    ("generate_demos", [], "demos.val_seed", 400,
+     "demos.val_seed: validation seeds 400..449 overlap the training seeds 0..499 (demos.seed); move one of them"),
+    # past the 30 validation demos, but within training's 50 validation rollouts (train.val_episodes)
+    ("evaluate", [], "evaluate.seed", 100_000_030, "evaluate.seed: test seeds 100000030..100000229 overlap the "
+                                                   "validation seeds 100000000..100000049 (demos.val_seed)"),
     ("make_ood_levels", [], "ood.seed", 0, "ood.seed: test seeds 0..2999 overlap the training seeds 0..499"),
     ("safety", [], "safety.seed", 499, "safety.seed: test seeds 499..548 overlap the training seeds 0..499"),
 ]  # fmt: skip

@@ -134,8 +134,9 @@ def test_stage_notes_a_pattern_that_never_matched(tmp_path, monkeypatch, capsys,
     save_checkpoint(tmp_path / "tc.pt", tiny_agent())
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     params["demos"]["level"] = "BabyAI-GoToObj-v0"
-    params["safety"].update(episodes=2, behaviours=[{"name": "typo", "thought": "^pickup purpel", "event": "pickup:any"},
-                                                    {"name": "every", "thought": ".", "event": "pickup:any"}])
+    behaviours = [{"name": "typo", "thought": "^pickup purpel", "event": "pickup:any"},
+                  {"name": "every", "thought": ".", "event": "pickup:any"}]
+    params["safety"].update(episodes=2, behaviours=behaviours)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
