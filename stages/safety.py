@@ -36,10 +36,11 @@ def main(argv: list[str] | None = None) -> None:
         seeds = list(range(c.safety.seed, c.safety.seed + c.safety.episodes))
 
         with tracking.start_run("safety", params, tags={"stage": "safety"}):
-            res = run_precrime(agent, c.demos.level, seeds, c.safety.parsed_behaviours(), **c.evaluate.kwargs())
+            behaviours = c.safety.parsed_behaviours()
+            res = run_precrime(agent, c.demos.level, seeds, behaviours, **c.evaluate.kwargs())
             report = {**res["behaviours"], "no_intervention": res["without"],
                       "fads": {**res["fads"], "episodes": len(seeds)}}  # fmt: skip
-            for b in c.safety.parsed_behaviours():
+            for b in behaviours:
                 row = res["behaviours"][b.name]
                 tracking.log_metrics({f"{b.name}_{k}": v for k, v in row.items()})
                 print(f"{b.name}: shown {row['shown_without']:.3f} -> {row['shown_with']:.3f}, "

@@ -45,14 +45,14 @@ from tc.train import TrainConfig, check_resume, train
 
 
 def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demos, restart_if_changed: bool,
-               code: str) -> bool:  # fmt: skip
+               other_code: bool) -> bool:  # fmt: skip
     """Whether to continue from ``last`` (<out>/last.pt).
 
     A last.pt made with other settings or data is refused (UserError), or, with
     ``restart_if_changed``, replaced by a fresh run: dvc.yaml passes that flag, because
     DVC keeps the persisted last.pt of the previous settings when it reruns the stage for
     new ones (`dvc exp run -S train.sg_coef=1`); with it, a last.pt written by other code
-    (``code``: tc.provenance) starts afresh too; without it, such a last.pt is resumed with a
+    (``other_code``: its folder's digest is not this code's, tc.provenance) starts afresh too; without it, such a last.pt is resumed with a
     warning (a run by hand after a fix that changes nothing learned). An unreadable last.pt
     is always an error.
     """
@@ -68,11 +68,11 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
     try:
         check_config(last, ckpt, model_cfg)
         check_resume(last, ckpt["train_state"], cfg, demos)
-        if recorded_digest(last.parent) != code:
-            other_code = f"{last} was written by other code (the stage or a tc module changed since)"
+        if other_code:
+            written = f"{last} was written by other code (the stage or a tc module changed since)"
             if restart_if_changed:
-                raise ValueError(other_code)
-            print(f"warning: {other_code}; resuming it as asked (--no-resume starts afresh, as dvc repro will)",
+                raise ValueError(written)
+            print(f"warning: {written}; resuming it as asked (--no-resume starts afresh, as dvc repro will)",
                   file=sys.stderr)
     except ValueError as err:
         if not restart_if_changed:
@@ -148,13 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         demos_cfg = data_settings(args, c.demos, params, warn=rank == 0)
         train_demos, val_demos = load_demos(args.train), load_demos(args.val)
         code = code_digest(__file__)
+        other_code = recorded_digest(args.out) != code
         resume = not args.no_resume and can_resume(Path(args.out) / "last.pt", model_cfg, cfg, train_demos,
-                                                   args.restart_if_changed, code)  # fmt: skip
+                                                   args.restart_if_changed, other_code)  # fmt: skip
         if world > 1:
             dist.barrier()  # every rank has read the recorded digest before rank 0 replaces it
         # A run resumed over other code's last.pt keeps that code's digest: it is not this code's
         # output, and the next `dvc repro` starts it afresh.
-        if rank == 0 and (not resume or recorded_digest(args.out) == code):
+        if rank == 0 and not (resume and other_code):
             record_digest(args.out, code)
         metrics = run(args, model_cfg, cfg, demos_cfg, c.evaluate, train_demos, val_demos, resume, rank)
     if world > 1:
