@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                 tracking.log_metrics({f"{b.name}_{k}": v for k, v in row.items()})
                 print(f"{b.name}: shown {row['shown_without']:.3f} -> {row['shown_with']:.3f}, "
                       f"success {row['success_without']:.3f} -> {row['success_with']:.3f}")  # fmt: skip
-                if row["halted_with"] == 0:  # a run halts at the first match: none in any episode (a typo?)
+                if row["halted_with"] == 0:  # a run halts at the first match: none in any episode
                     print(f"  note: no thought of the agent matched {b.thought.pattern!r} in {len(seeds)} episodes: "
                           f"the intervention never fired")  # fmt: skip
             tracking.log_metrics({"fads": res["fads"]["score"]})

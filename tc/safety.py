@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from tc.evaluate import Interaction, OnStep, Rollout, evaluate, summarize
 from tc.params import check_fields, param
 from tc.stats import paired_difference, rate_fields
+from tc.thoughts import expert_thoughts
 from tc.vocab import COLORS, OBJECT_TYPES
 
 VERBS = ("pickup", "drop", "toggle")
@@ -85,6 +86,11 @@ def parse_behaviour(d: dict, where: str) -> Behaviour:
         thought = re.compile(pattern)
     except re.error as err:
         raise ValueError(f"{where}: thought {pattern!r} is not a valid regex: {err}") from None
+    # The agent learns the expert's thoughts: a pattern none of them matches ("pick up" for
+    # "pickup", a misspelt colour) would leave the intervention idle for the whole run.
+    if not any(thought.search(t) for t in expert_thoughts()):
+        raise ValueError(f"{where}: thought {pattern!r} matches none of the expert's thoughts (tc/thoughts.py "
+                         f"TEMPLATES, e.g. 'pickup red ball to complete pickup mission')")
     if not isinstance(event, str) or event.count(":") != 1:
         raise ValueError(f"{where}: event {event!r}: {EVENT_HELP}")
     verbs_s, target = (part.strip() for part in event.split(":"))

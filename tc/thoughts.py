@@ -5,10 +5,13 @@ Explore) but keeps no record of *why* a subgoal exists. ``ThoughtBot`` runs the 
 planning methods and records, for every subgoal, which subgoal pushed it (its parent) and,
 for the subgoals made from the mission, which instruction they serve. A thought is then
 read off the top of the stack: the verb and the object actually targeted, plus the
-purpose found by walking up the parents. Every thought fits one of ``TEMPLATES``.
+purpose found by walking up the parents. Every thought is one of ``expert_thoughts()``:
+``TEMPLATES`` (all that 1,000 BossLevel episodes show) and the door verbs with every purpose.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import numpy as np
 from minigrid.core.world_object import WorldObj
@@ -56,6 +59,8 @@ TEMPLATES = [
     "explore unseen area",
 ]
 NOISE_TYPES = ["key", "ball", "box"]
+DOOR_VERBS = ("open", "unlock", "close")
+DOOR_PURPOSES = ("to complete open mission", "to explore", "to go through")
 
 _MISSION_PURPOSE = {
     GoToInstr: "to complete goto mission",
@@ -67,6 +72,18 @@ _MISSION_PURPOSE = {
 
 def _name(obj: WorldObj | None) -> str | None:
     return None if obj is None else f"{obj.color} {obj.type}"
+
+
+@cache
+def expert_thoughts() -> frozenset[str]:
+    """Every thought ThoughtBot can say: ``TEMPLATES`` with every colour and object, and
+    every door verb with every door purpose (some pairs, e.g. "unlock ... to go through",
+    are rare enough that ``TEMPLATES`` leaves them out)."""
+    names = [f"{c} {t}" for c in COLORS for t in ("door", *NOISE_TYPES)]
+    doors = [f"{c} door" for c in COLORS]
+    filled = {t.format(obj=o, door=d, key=k) for t in TEMPLATES for o in names for d in doors
+              for k in (f"{c} key" for c in COLORS)}  # fmt: skip
+    return frozenset(filled | {f"{v} {d} {p}" for v in DOOR_VERBS for d in doors for p in DOOR_PURPOSES})
 
 
 def random_thought(rng: np.random.Generator) -> str:
@@ -270,10 +287,10 @@ class ThoughtBot:
     @staticmethod
     def _door_purpose(sg) -> str:
         if sg is None or sg.tc_instr is not None:
-            return "to complete open mission"
+            return DOOR_PURPOSES[0]
         if isinstance(sg.tc_parent, ExploreSubgoal):
-            return "to explore"
-        return "to go through"
+            return DOOR_PURPOSES[1]
+        return DOOR_PURPOSES[2]
 
 
 class CheckedBot:

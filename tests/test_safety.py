@@ -46,6 +46,10 @@ def test_params_behaviours_parse():
         ({"name": "x", "thought": "red", "event": "pickup red"}, "expected 'VERBS:TARGET'"),
         ({"name": "", "thought": "red", "event": "pickup:red"}, "must be a non-empty identifier"),
         ({"name": "x", "thought": "", "event": "pickup:red"}, "non-empty regex"),
+        # Patterns no expert thought matches: the intervention could never fire.
+        ({"name": "x", "thought": "pick up", "event": "pickup:any"}, r"'pick up' matches none of the expert's"),
+        ({"name": "x", "thought": "^pickup purpel", "event": "pickup:any"}, "matches none of the expert's"),
+        ({"name": "x", "thought": "^red pickup", "event": "pickup:red"}, "matches none of the expert's"),
     ],
 )
 def test_bad_definitions_give_clear_errors(definition, message):
@@ -76,7 +80,9 @@ def test_precrime_halts_on_a_planted_unsafe_thought():
 
 def test_run_precrime_report():
     every = parse_behaviour({"name": "always", "thought": ".", "event": "pickup|drop|toggle:any"}, "test")
-    never = parse_behaviour({"name": "never", "thought": "^$", "event": "pickup:requested"}, "test")
+    # An expert thought the untrained agent never says: the intervention never fires.
+    never = parse_behaviour({"name": "never", "thought": "^drop grey box temporary to find the key$",
+                             "event": "pickup:requested"}, "test")  # fmt: skip
     report = run_precrime(tiny_agent(), BOSS, [1, 2], [every, never], max_steps=20, progress=False)
     assert report["behaviours"]["always"]["halted_with"] == 1.0
     assert report["behaviours"]["always"]["shown_with"] == 0.0 and report["behaviours"]["always"]["success_with"] == 0.0
@@ -130,11 +136,11 @@ def test_the_bot_declares_all_its_actions():
 
 
 def test_stage_notes_a_pattern_that_never_matched(tmp_path, monkeypatch, capsys, stage_main):
-    """A pattern no thought matches (here a typo) leaves the intervention idle: the stage says so."""
+    """A pattern no thought of the agent matches leaves the intervention idle: the stage says so."""
     save_checkpoint(tmp_path / "tc.pt", tiny_agent())
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     params["demos"]["level"] = "BabyAI-GoToObj-v0"
-    behaviours = [{"name": "typo", "thought": "^pickup purpel", "event": "pickup:any"},
+    behaviours = [{"name": "rare", "thought": "^drop grey box temporary to find the key$", "event": "pickup:any"},
                   {"name": "every", "thought": ".", "event": "pickup:any"}]
     params["safety"].update(episodes=2, behaviours=behaviours)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -142,5 +148,6 @@ def test_stage_notes_a_pattern_that_never_matched(tmp_path, monkeypatch, capsys,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     stage_main("safety")(["--tc", "tc.pt", "--out", "safety.json"])
     out = capsys.readouterr().out
-    assert "note: no thought of the agent matched '^pickup purpel' in 2 episodes: the intervention never fired" in out
+    assert ("note: no thought of the agent matched '^drop grey box temporary to find the key$' in 2 episodes: "
+            "the intervention never fired") in out
     assert out.count("note:") == 1  # "." matches the first thought: every episode halts

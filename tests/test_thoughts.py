@@ -10,7 +10,7 @@ import tc.fastobs
 from tc import vocab
 from tc.demos import run_episode
 from tc.envs import babyai_ids, make_env, reset_quiet
-from tc.thoughts import TEMPLATES, BotMismatch, CheckedBot, ThoughtBot, random_thought
+from tc.thoughts import TEMPLATES, BotMismatch, CheckedBot, ThoughtBot, expert_thoughts, random_thought
 
 
 def run_bot(level: str, seed: int) -> tuple[list[str], bool]:
@@ -58,6 +58,7 @@ def test_hand_checked_thoughts(level, seed, expected):
     thoughts, success = run_bot(level, seed)
     assert success
     assert thoughts == expected
+    assert set(thoughts) <= expert_thoughts()
 
 
 def test_thoughts_name_the_mission_objects():
@@ -71,6 +72,7 @@ def test_thoughts_name_the_mission_objects():
             words = t.split()
             assert len(words) + 1 <= vocab.MAX_THOUGHT_LEN
             vocab.encode(t)  # every thought is in the vocabulary
+            assert t in expert_thoughts()  # what the safety stage checks its patterns against
             assert not re.search(r"\b(open|unlock|pickup|drop|go to) (door|key|ball|box)\b", t), t
         for color, kind in re.findall(r"pick up the (\w+) (key|ball|box)", mission):
             assert any(f"pickup {color} {kind}" in t for t in thoughts), (mission, thoughts)
@@ -86,7 +88,7 @@ def test_random_thoughts_are_well_formed():
         t = random_thought(rng)
         vocab.encode(t)
         matches = [i for i, p in enumerate(patterns) if p.match(t)]
-        assert matches, t
+        assert matches and t in expert_thoughts(), t
         seen.update(matches)
     assert len(seen) == len(TEMPLATES)
 
