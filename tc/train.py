@@ -139,8 +139,8 @@ def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int) -> list[np.
     A batch costs one recurrent step per step of its *longest* episode, whatever the
     others' lengths, and at paper size a step is bound by reading the 2048-wide LSTM
     weights. So each window of ``sort_window`` batches of the shuffled stream is sorted
-    by episode length before being cut into batches (similar lengths together, ~2.5x
-    fewer steps on BossLevel); the batches are then shuffled.
+    by episode length before being cut into batches (similar lengths together, 3.2x
+    fewer steps at batch 180 on BossLevel); the batches are then shuffled.
     """
     episodes = epoch_episodes(len(lengths), cfg.episodes_per_epoch, epoch, cfg.seed)
     window = cfg.batch_size * cfg.sort_window

@@ -270,8 +270,7 @@ def test_paper_params_have_the_same_keys():
     assert paper["demos.episodes"] == 1_000_000 and paper["model.memory_dim"] == 2048
     assert paper["train.batch_size"] == 180 and paper["train.recurrence"] == 80
     assert paper["safety.behaviours"] == small["safety.behaviours"]  # same definitions, only the scale differs
-    lite = flatten(yaml.safe_load((REPO / "params-gpu.yaml").read_text()))
-    assert sorted(lite) == sorted(paper), "params-gpu.yaml must mirror params.yaml's keys"
+    assert paper["train.sort_window"] == 1  # the paper's random batches
     # the paper's run, stopped early: only the budget and the evaluation sizes differ
     budget = {"demos.episodes", "train.epochs", "train.val_interval", "ood.episodes_per_bin", "ood.max_candidates",
               "safety.episodes"}  # fmt: skip
