@@ -11,9 +11,9 @@ CSV (tc.history). An interrupted run started again with the same settings contin
 tc.evaluate on the seeds demos.val_seed, demos.val_seed + 1, ... (train.val_episodes of
 them; fresh for training, which uses demos.seed onwards).
 
-With train.nproc = N > 1 the stage starts itself again under
-``python -m torch.distributed.run --standalone --nproc_per_node N`` (data-parallel
-training, see tc.distributed); started by torchrun (WORLD_SIZE set) it joins the process
+With train.nproc = N > 1 the stage starts itself again in N processes, as
+``torchrun --standalone --nproc_per_node N`` would (data-parallel training, see
+tc.distributed.launch); started by torchrun (WORLD_SIZE set) it joins the process
 group instead (gloo on CPU, nccl and cuda:LOCAL_RANK on CUDA), whatever train.nproc says,
 so several machines can run it with torchrun's own --nnodes / --rdzv options. Rank 0
 alone writes the outputs and logs to MLflow.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -140,9 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
             # The data's errors in one line, before torchrun starts N processes that would each fail.
             data_settings(args, c.demos, params, warn=False)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
-                   sys.argv[0], *(sys.argv[1:] if argv is None else argv)]  # fmt: skip
-            raise SystemExit(subprocess.run(cmd).returncode)
+            distributed.launch(cfg.nproc, sys.argv[0], sys.argv[1:] if argv is None else argv)
+            return
         distributed.init_from_env(pick_device(cfg.device, key="train.device"))
         rank, world = distributed.rank_and_world()
         demos_cfg = data_settings(args, c.demos, params, warn=rank == 0)

@@ -17,6 +17,7 @@ one process when there is none.
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 from typing import Iterable
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tc.model import BatchNorm2d
+from tc.params import UserError
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -33,6 +35,28 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launch(nproc: int, script: str, argv: list[str]) -> None:
+    """Run ``script argv`` in ``nproc`` processes on this machine, as ``torchrun --standalone
+    --nproc_per_node nproc`` would, with torchrun's launcher in this process.
+
+    Each process prints its own error; a failure then ends in one line (UserError) rather
+    than torchrun's traceback and failure report, ~35 lines that repeat the exit codes.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner (train.threads sets torch's)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)  # the exit codes again
+    try:
+        run(get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), script, *argv]))
+    except ChildFailedError as err:
+        _, first = err.get_first_failure()
+        code = first.exitcode
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        raise UserError(f"{len(err.failures)} of the {nproc} training processes failed, process {first.local_rank} "
+                        f"first ({how}); their messages are above") from None
 
 
 def init_from_env(device: torch.device, timeout_min: float = 120) -> torch.device:

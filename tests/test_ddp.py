@@ -119,8 +119,10 @@ def test_two_processes_make_the_one_process_updates(tmp_path, demos_dir):
         assert_same_weights(load_checkpoint(tmp_path / f"resumed_rank{rank}.pt")["model"], expected, **EXACT, float32=False)
 
 
-def run_train_stage(tmp_path: Path, demos_dir: Path, agent: str, **train) -> tuple[subprocess.CompletedProcess, dict]:
-    """The train stage with 2 processes on a tiny model, in ``tmp_path``; returns its process and params."""
+def run_train_stage(tmp_path: Path, demos_dir: Path, agent: str, check: bool = True,
+                    **train) -> tuple[subprocess.CompletedProcess, dict]:  # fmt: skip
+    """The train stage with 2 processes on a tiny model, in ``tmp_path``; returns its process and params
+    (``check``: assert that it succeeded)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["demos"]["level"] = LEVEL
     params["model"] = {"image_dim": 16, "memory_dim": 32, "instr_dim": 16, **NO_DROPOUT}
@@ -132,7 +134,7 @@ def run_train_stage(tmp_path: Path, demos_dir: Path, agent: str, **train) -> tup
            "--train", str(demos_dir), "--val", str(demos_dir), "--out", f"models/{agent}",
            "--metrics", "metrics.json", "--history", "history.csv"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
     return proc, params
 
 
@@ -150,6 +152,20 @@ def test_stage_with_nproc_2_starts_torchrun(tmp_path, demos_dir):
     single = train(model, cfg, demos, demos, tmp_path / "single", progress=False)
     torch.set_num_threads(threads)
     assert_same_weights(load_checkpoint(tmp_path / "models/bc/last.pt")["model"], single["agent"].state_dict())
+
+
+def test_a_failure_after_start_ends_in_one_line(tmp_path, demos_dir):
+    """Both processes refuse to resume a last.pt of other settings: each says why, then the stage
+    ends in one line instead of torchrun's traceback and report."""
+    run_train_stage(tmp_path, demos_dir, "bc", val_episodes=0)
+    proc, _ = run_train_stage(tmp_path, demos_dir, "bc", check=False, val_episodes=0, lr=1e-3)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[:2] == ["error: cannot resume from models/bc/last.pt: it was made with different settings (lr: "
+                          "checkpoint 0.0005 vs now 0.001); delete it to start afresh, or pass --no-resume"] * 2
+    assert len(errors) == 3 and re.fullmatch(r"error: 2 of the 2 training processes failed, process [01] first "
+                                             r"\(exit status 1\); their messages are above", errors[2])
+    assert "Traceback" not in proc.stderr and "OMP_NUM_THREADS" not in proc.stderr, proc.stderr
 
 
 def test_compile_under_two_processes_runs_eagerly_and_says_so(tmp_path, demos_dir):
