@@ -5,7 +5,7 @@ own process (so peak memory is its own), one after the other on the same machine
 
 - ours: TC and BC agents of paper size (image 128, memory 2048, instr 256, recurrence
   80) on real BossLevel demos, batches formed as in training (``epoch_batches``,
-  grouped by length), teacher forcing on (early training) and, with ``--teacher-forcing on,off``, off
+  grouped by length: ``--sort-window``, default 16; 1: the paper's random batches), teacher forcing on (early training) and, with ``--teacher-forcing on,off``, off
   (free running: the upper level's own greedy thoughts drive the lower level; a paper run's
   batches are ~47% free-running: ratio 1 for 10 of 160 epochs, then linear to 0); ``--warmup`` warm-up updates
   (default 1; compiled steps recompile for the first few batches' shapes, so give them
@@ -63,7 +63,8 @@ PRECISIONS = ("fp32", "tf32", "amp")  # fp32; TensorFloat-32 matmuls (train.tf32
 
 
 def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, threads: int, demos_dir: str, updates: int,
-             compile: str | None = None, warmup: int = 1, graphs: bool = False, teacher_forcing: bool = True) -> dict:
+             compile: str | None = None, warmup: int = 1, graphs: bool = False, teacher_forcing: bool = True,
+             sort_window: int = 16) -> dict:
     """Time ``updates`` training updates of our agent in this process; returns the measurement."""
     dev = torch.device(device)
     if threads > 0:
@@ -72,7 +73,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
     model_cfg = ModelConfig(**PAPER_MODEL, use_thoughts=agent_kind == "tc")
     demos = load_demos(demos_dir)
     cfg = TrainConfig(batch_size=batch_size, recurrence=80, device=device, amp=amp, tf32=precision == "tf32",
-                      episodes_per_epoch=demos.num_episodes, cuda_graphs=graphs)
+                      episodes_per_epoch=demos.num_episodes, cuda_graphs=graphs, sort_window=sort_window)
     use_tf32(cfg, dev)
     batches = epoch_batches(demos.offsets[1:] - demos.offsets[:-1], cfg, 0)
     torch.manual_seed(0)
@@ -102,7 +103,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "precision": precision, "threads": threads,
-            "teacher_forcing": teacher_forcing or agent_kind == "bc",
+            "teacher_forcing": teacher_forcing or agent_kind == "bc", "sort_window": sort_window,
             "compile": compile if compiled else None, "warmup_updates": warmup,
             "cuda_graphs": graphs and runner.problem is None, "cuda_graphs_problem": runner and runner.problem,
             "graphs_captured": len(runner.graphs) if runner else 0,
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", action="store_true", help="also measure ours with train.cuda_graphs (CUDA only)")
     ap.add_argument("--teacher-forcing", default="on", help="comma-separated: on (the lower level acts on the true "
                     "thoughts) and/or off (free running, TC only: BC is measured once)")
+    ap.add_argument("--sort-window", type=int, default=16, help="ours: batches per window grouped by episode length "
+                    "(train.sort_window; 1: random batches, the paper's)")
     ap.add_argument("--out", help="default: benchmarks/results/train_throughput_<device>.json")
     ap.add_argument("--one", nargs=7, metavar=("AGENT", "BATCH", "PRECISION", "THREADS", "COMPILE", "GRAPHS", "TF"),
                     help=argparse.SUPPRESS)
@@ -187,7 +190,8 @@ def main() -> None:
     if args.one:  # child process: one measurement of ours, printed as JSON
         agent_kind, batch, precision, threads, mode, graphs, tf = args.one
         print(json.dumps(run_ours(agent_kind, args.device, int(batch), precision, int(threads), args.demos,
-                                  args.updates, None if mode == "none" else mode, args.warmup, graphs == "1", tf == "on")))
+                                  args.updates, None if mode == "none" else mode, args.warmup, graphs == "1", tf == "on",
+                                  args.sort_window)))
         return
 
     batches = [int(b) for b in (args.batches or ("16" if args.device == "cpu" else "16,180")).split(",")]
@@ -200,6 +204,8 @@ def main() -> None:
     forcings = args.teacher_forcing.split(",")
     if not forcings or set(forcings) - {"on", "off"} or len(set(forcings)) < len(forcings):
         raise SystemExit(f"--teacher-forcing {args.teacher_forcing}: expected on, off or on,off")
+    if args.sort_window < 1:
+        raise SystemExit(f"--sort-window {args.sort_window}: expected an integer >= 1")
     if args.cuda_graphs and args.device != "cuda":
         raise SystemExit("--cuda-graphs: CUDA graphs need --device cuda")
     public = Path(args.public).resolve() if args.public else None  # run_public runs it from its own folder
@@ -254,6 +260,7 @@ def main() -> None:
                     else:
                         cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
                                "--updates", str(args.updates), "--warmup", str(args.warmup),
+                               "--sort-window", str(args.sort_window),
                                "--one", agent_kind, str(batch), precision, threads, mode, graphs, tf]
                         out_text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                         results.append(json.loads(out_text.strip().splitlines()[-1]))

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
             # The data's errors in one line, before torchrun starts N processes that would each fail.
             data_settings(args, c.demos, params, warn=False)
-            distributed.launch(cfg.nproc, sys.argv[0], sys.argv[1:] if argv is None else argv)
+            distributed.launch(cfg.nproc, __file__, sys.argv[1:] if argv is None else argv)
             return
         distributed.init_from_env(pick_device(cfg.device, key="train.device"))
         rank, world = distributed.rank_and_world()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from datetime import timedelta
 from typing import Iterable
 
@@ -41,9 +43,10 @@ def launch(nproc: int, script: str, argv: list[str]) -> None:
     """Run ``script argv`` in ``nproc`` processes on this machine, as ``torchrun --standalone
     --nproc_per_node nproc`` would, with torchrun's launcher in this process.
 
-    Each process prints its own error; a failure then ends in one line (UserError) rather
-    than torchrun's traceback and failure report, ~35 lines that repeat the exit codes.
+    Each process prints its own error; a failure, or a signal that stops the run, then ends
+    in one line rather than torchrun's traceback and failure report (~35 lines).
     """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -51,12 +54,19 @@ def launch(nproc: int, script: str, argv: list[str]) -> None:
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)  # the exit codes again
     try:
         run(get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), script, *argv]))
+    except SignalException as err:
+        print(f"error: stopped by {err.sigval.name}, and so were the {nproc} training processes", file=sys.stderr)
+        raise SystemExit(128 + err.sigval) from None
     except ChildFailedError as err:
-        _, first = err.get_first_failure()
-        code = first.exitcode
-        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        raise UserError(f"{len(err.failures)} of the {nproc} training processes failed, process {first.local_rank} "
-                        f"first ({how}); their messages are above") from None
+        first_rank, first = err.get_first_failure()
+        # The launcher stops the others with SIGTERM once one fails, and lists them as failures too.
+        failed = [r for r, f in err.failures.items() if r == first_rank or f.exitcode != -signal.SIGTERM]
+        how = f"killed by signal {-first.exitcode}" if first.exitcode < 0 else f"exit status {first.exitcode}"
+        if len(failed) == 1:  # killed by a signal, it may have said nothing
+            raise UserError(f"training process {first.local_rank} of {nproc} failed ({how}), the others were stopped"
+                            + ("; its message is above" if first.exitcode > 0 else "")) from None
+        raise UserError(f"{len(failed)} of the {nproc} training processes failed, process {first.local_rank} first "
+                        f"({how}); their messages are above") from None
 
 
 def init_from_env(device: torch.device, timeout_min: float = 120) -> torch.device:

@@ -76,9 +76,10 @@ def _name(obj: WorldObj | None) -> str | None:
 
 @cache
 def expert_thoughts() -> frozenset[str]:
-    """Every thought ThoughtBot can say: ``TEMPLATES`` with every colour and object, and
-    every door verb with every door purpose (some pairs, e.g. "unlock ... to go through",
-    are rare enough that ``TEMPLATES`` leaves them out)."""
+    """A superset of the thoughts ThoughtBot can say: ``TEMPLATES`` with every colour and
+    object (a door too, though only "go to" names one), and every door verb with every door
+    purpose (some pairs, e.g. "unlock ... to go through", are rare enough that ``TEMPLATES``
+    leaves them out)."""
     names = [f"{c} {t}" for c in COLORS for t in ("door", *NOISE_TYPES)]
     doors = [f"{c} door" for c in COLORS]
     filled = {t.format(obj=o, door=d, key=k) for t in TEMPLATES for o in names for d in doors
