@@ -14,7 +14,9 @@
 #      3.4x its teacher-forced one, ~60 s at batch 180 here; the CPU has its ratio, 8.18x);
 #   4. evaluation throughput (environment workers, CUDA graphs, both), 70 s;
 #   5. the CUDA tests of torch.compile (compiled steps, compiled steps inside the graphs), 90 s;
-#   6. training throughput with compiled steps, with and without graphs, fp32, what is left of the 600 s.
+#   6. training throughput with compiled steps, with and without graphs, fp32, 90 s;
+#   7. if time is left: the paper's random batches (sort_window 1, params-paper.yaml) vs part 2's grouped ones, TC
+#      at batch 180, fp32 eager, 50 s (3.2x the recurrent steps of grouped batches: their cost on a launch-bound GPU).
 # Not yet run: the limits are estimates (parts 5 and 6: on the CPU, tests/test_compile.py takes 88 s on the code of
 # stop 23; 83 s on stop 22's, 147 s and 77 s on earlier code). The benchmarks rewrite their JSON after every measurement,
 # so a part stopped by its limit keeps what it measured. Results land in $OUT.
@@ -59,4 +61,9 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "compi
 timeout 90 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
   --demos /tmp/boss400 --precisions fp32 --compile default --cuda-graphs --public '' \
   --out "$OUT/train_throughput_cuda_compiled.json" 2>&1 | tail -12
+pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
+
+timeout 50 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 1 \
+  --demos /tmp/boss400 --precisions fp32 --compile none --sort-window 1 --public '' \
+  --out "$OUT/train_throughput_cuda_random_batches.json" 2>&1 | tail -3
 pkill -f "benchmarks/train_throughput.py|bench_public.py" || true

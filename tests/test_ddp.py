@@ -161,10 +161,13 @@ def test_a_failure_after_start_ends_in_one_line(tmp_path, demos_dir):
     proc, _ = run_train_stage(tmp_path, demos_dir, "bc", check=False, val_episodes=0, lr=1e-3)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors[:2] == ["error: cannot resume from models/bc/last.pt: it was made with different settings (lr: "
-                          "checkpoint 0.0005 vs now 0.001); delete it to start afresh, or pass --no-resume"] * 2
-    assert len(errors) == 3 and re.fullmatch(r"error: 2 of the 2 training processes failed, process [01] first "
-                                             r"\(exit status 1\); their messages are above", errors[2])
+    refusal = ("error: cannot resume from models/bc/last.pt: it was made with different settings (lr: checkpoint "
+               "0.0005 vs now 0.001); delete it to start afresh, or pass --no-resume")
+    # Both processes refuse; the launcher may stop the second before it has exited on its own.
+    assert 1 <= len(errors) - 1 <= 2 and set(errors[:-1]) == {refusal}, errors
+    assert re.fullmatch(r"error: (2 of the 2 training processes failed, process [01] first \(exit status 1\); their "
+                        r"messages are above|training process [01] of 2 failed \(exit status 1\), the others were "
+                        r"stopped; its message is above)", errors[-1]), errors[-1]
     noise = ("Traceback", "exitcode", "OMP_NUM_THREADS")  # torchrun's report, its log line, its banner
     assert not [word for word in noise if word in proc.stderr], proc.stderr
 
