@@ -80,11 +80,10 @@ def expert_thoughts() -> frozenset[str]:
     object (a door too, though only "go to" names one), and every door verb with every door
     purpose (some pairs, e.g. "unlock ... to go through", are rare enough that ``TEMPLATES``
     leaves them out)."""
-    names = [f"{c} {t}" for c in COLORS for t in ("door", *NOISE_TYPES)]
-    doors = [f"{c} door" for c in COLORS]
-    filled = {t.format(obj=o, door=d, key=k) for t in TEMPLATES for o in names for d in doors
-              for k in (f"{c} key" for c in COLORS)}  # fmt: skip
-    return frozenset(filled | {f"{v} {d} {p}" for v in DOOR_VERBS for d in doors for p in DOOR_PURPOSES})
+    # A template has one placeholder at most, so one colour may fill all three (as random_thought does).
+    filled = {t.format(obj=f"{c} {kind}", door=f"{c} door", key=f"{c} key")
+              for t in TEMPLATES for c in COLORS for kind in ("door", *NOISE_TYPES)}  # fmt: skip
+    return frozenset(filled | {f"{v} {c} door {p}" for v in DOOR_VERBS for c in COLORS for p in DOOR_PURPOSES})
 
 
 def random_thought(rng: np.random.Generator) -> str:
