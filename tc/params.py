@@ -263,5 +263,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (UserError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # One write, newline included (print makes two): the processes of a data-parallel run
+        # share stderr, and two of them failing alike would otherwise interleave their lines.
+        sys.stderr.write(f"error: {err}\n")
         raise SystemExit(1) from None
