@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from datetime import timedelta
 from typing import Iterable
 
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tc.model import BatchNorm2d
-from tc.params import UserError
+from tc.params import Stopped, UserError
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -54,9 +53,11 @@ def launch(nproc: int, script: str, argv: list[str]) -> None:
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)  # the exit codes again
     try:
         run(get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), script, *argv]))
-    except SignalException as err:
-        print(f"error: stopped by {err.sigval.name}, and so were the {nproc} training processes", file=sys.stderr)
-        raise SystemExit(128 + err.sigval) from None
+    except SignalException as err:  # the launcher has stopped the processes: tc.params.user_errors ends it so
+        stop = Stopped(f"signal {err.sigval}")
+        stop.signum = err.sigval
+        stop.add_note(f"so were the {nproc} training processes")
+        raise stop from None
     except ChildFailedError as err:
         first_rank, first = err.get_first_failure()
         # The launcher stops the others with SIGTERM once one fails, and lists them as failures too.

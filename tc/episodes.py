@@ -23,7 +23,7 @@ from minigrid.utils.baby_ai_bot import DisappearedBoxError
 
 from tc import envs, fastobs
 from tc.envs import ACTION_NAMES, Actions, make_env, reset_quiet
-from tc.params import UserError
+from tc.params import UserError, quiet_worker
 from tc.thoughts import ThoughtBot
 
 PICKUP, DROP, TOGGLE = Actions.pickup, Actions.drop, Actions.toggle
@@ -262,6 +262,7 @@ class EnvGroup:
 
 def _serve(conn, slot_args: tuple, size: int) -> None:
     """A worker's loop: answer lists of (local slot, method, *args) until it is terminated."""
+    quiet_worker()
     slots = [EpisodeSlot(*slot_args) for _ in range(size)]
     parent = os.getppid()
     while True:

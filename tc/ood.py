@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from tc.envs import check_env_id, make_env, reset_quiet
 from tc.fastbot import FastBot
-from tc.params import FileFormatError, check_fields, param
+from tc.params import FileFormatError, check_fields, param, quiet_worker
 
 AXES = ("behavioural", "cognitive")
 
@@ -145,7 +145,7 @@ def make_level_sets(
     bot_failures: list[int] = []
     scanned = 0
     jobs = ((env_id, first_seed + i) for i in range(max_candidates))
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = mp.get_context("spawn").Pool(workers, quiet_worker) if workers > 1 else None
     results = pool.imap(_measure, jobs, chunksize=8) if pool else map(_measure, jobs)
     bar = tqdm(total=len(bins) + len(levels), desc="ood bins filled", disable=not progress)
     try:

@@ -14,7 +14,8 @@ Defaults: params.yaml gives every key; the dataclass defaults equal params.yaml'
 params.yaml means what the shipped params.yaml says.
 
 Errors in what a user gave (params, files, flags) are :class:`UserError`; the stages and
-the ``tc`` command report them as one line without a traceback (:func:`user_errors`).
+the ``tc`` command report them as one line without a traceback (:func:`user_errors`), and
+so a stop by Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
@@ -252,18 +256,76 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM raised where the process was, as Ctrl-C raises KeyboardInterrupt (:func:`sigterm_unwinds`)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Make SIGTERM raise :class:`Stopped` while inside, as Ctrl-C raises KeyboardInterrupt.
+
+    Python's default SIGTERM handling exits without unwinding: a batch scheduler's preemption,
+    ``kill`` or torchrun stopping its processes would leave an MLflow run RUNNING forever and
+    worker processes behind. Unwinding runs the ``finally`` blocks and context managers on the
+    way out. Signal handlers can only be set from the main thread; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signum, _frame):
+        raise Stopped(f"signal {_signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def quiet_worker() -> None:
+    """In a worker process (a pool's initializer, a forked worker's first call): Ctrl-C ignored and
+    SIGTERM at its default. The parent, which gets Ctrl-C too, stops its workers (SIGTERM) on
+    its way out; a forked worker would otherwise inherit the parent's handlers and print a
+    traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a :class:`UserError` or a missing file into ``error: <message>`` on stderr and exit
     status 1, without a traceback.
 
     Stages and the ``tc`` command run their work inside it; any other exception is a bug
-    and keeps its traceback.
+    and keeps its traceback. A stop by Ctrl-C or SIGTERM is one line too, ``stopped by
+    SIGINT`` with the notes added on the way out (``add_note``: where a training run
+    resumes), and then the process ends by that signal as if it had not caught it: a shell
+    loop over stages stops, a launcher sees the signal.
     """
-    try:
-        yield
-    except (UserError, FileNotFoundError) as err:
-        # One write, newline included (print makes two): the processes of a data-parallel run
-        # share stderr, and two of them failing alike would otherwise interleave their lines.
-        sys.stderr.write(f"error: {err}\n")
-        raise SystemExit(1) from None
+    with sigterm_unwinds():
+        try:
+            yield
+        except (UserError, FileNotFoundError) as err:
+            # One write, newline included (print makes two): the processes of a data-parallel run
+            # share stderr, and two of them failing alike would otherwise interleave their lines.
+            sys.stderr.write(f"error: {err}\n")
+            raise SystemExit(1) from None
+        except KeyboardInterrupt as err:
+            end_by_signal(getattr(err, "signum", signal.SIGINT), getattr(err, "__notes__", []))
+
+
+def end_by_signal(signum: int, notes: list[str]) -> None:
+    """Say in one line that ``signum`` stopped the process, then end the process by it."""
+    # torchrun's processes: the launcher says what stopped them, and stops them with SIGTERM when
+    # one fails; on Ctrl-C, which reaches them all, the first one adds where training resumes.
+    if int(os.environ.get("RANK", "0")) == 0 and not ("LOCAL_RANK" in os.environ and signum == signal.SIGTERM):
+        # A new line first: a progress bar may be half-way through its line.
+        sys.stderr.write(f"\nstopped by {signal.Signals(signum).name}{''.join(f'; {n}' for n in notes)}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    raise SystemExit(128 + signum)  # where the signal is not delivered at once

@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import signal
 import socket
 import subprocess
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -30,7 +28,7 @@ from typing import Any
 
 import mlflow
 
-from tc.params import UserError, flatten
+from tc.params import UserError, flatten, sigterm_unwinds
 
 DEFAULT_EXPERIMENT = "thought-cloning"
 PROBE_TIMEOUT_S = 3.0  # a healthy server answers /health in milliseconds
@@ -178,11 +176,11 @@ def start_run(
             first = ("this MLflow refuses file stores: use a database (e.g. sqlite:///mlflow.db) or set "
                      "MLFLOW_ALLOW_FILE_STORE=true")
         raise TrackingUnavailableError(f"MLflow store {uri} cannot take runs: {first}") from err
-    with _terminate_as_interrupt():
+    with sigterm_unwinds():
         try:
             mlflow.log_params(flatten(params))
             yield run
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see _terminate_as_interrupt)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (tc.params.sigterm_unwinds)
             mlflow.end_run("KILLED")
             raise
         except BaseException:
@@ -219,28 +217,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process: alive
         return True
     return True
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Make SIGTERM raise KeyboardInterrupt, like Ctrl-C, while a run is open.
-
-    Python's default SIGTERM handling exits without unwinding, which would leave the run
-    RUNNING in MLflow forever; unwinding lets ``start_run`` end it as KILLED.
-    Signal handlers can only be set from the main thread; elsewhere nothing changes.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:

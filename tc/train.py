@@ -654,6 +654,17 @@ def use_tf32(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
 
 
+def resume_note(last_path: Path, saved: int | None, updates: int, cfg: TrainConfig) -> str:
+    """Where a stopped run continues: what ``last_path`` holds (``saved`` updates, None: nothing yet)
+    against the ``updates`` done."""
+    total = cfg.epochs * -(-cfg.episodes_per_epoch // cfg.batch_size)
+    if saved is None:
+        return (f"this run has saved nothing yet ({last_path.name} is written every {cfg.checkpoint_interval} "
+                f"updates and at every epoch's end), so the same command starts afresh")
+    lost = f", the {updates - saved} update(s) after it are lost" if updates > saved else ""
+    return f"the same command resumes from {last_path} at update {saved} of {total}{lost}"
+
+
 def train(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -726,82 +737,91 @@ def train(
     if world > 1:
         distributed.check_same(ts["updates"], f"the resume position (updates done) in {last_path}", device)
 
+    saved = ts["updates"] if resume and last_path.exists() else None  # the updates last.pt holds
+
     def save_last() -> None:
+        nonlocal saved
         if rank != 0:
             return
         state = dict(ts, optimizer=optimizer.state_dict(), rng=rng_state(), train_config=asdict(cfg),
                      data=data_signature(train_demos))
         save_checkpoint(last_path, agent, train_state=state)
+        saved = ts["updates"]
 
     lengths = np.diff(train_demos.offsets)
     updates_here = 0
     started = time.perf_counter() - ts["wall_time_s"]
     agent.train()
-    while ts["epoch"] < cfg.epochs:
-        epoch = ts["epoch"]
-        batches = epoch_batches(lengths, cfg, epoch)
-        batches_per_epoch = len(batches)
-        if world > 1 and min(map(len, batches)) < world:
-            raise ValueError(f"epoch {epoch + 1} has a batch of {min(map(len, batches))} episodes, fewer than the "
-                             f"{world} processes; use a train.batch_size and episodes_per_epoch giving >= {world} per batch")
-        ratio = tf_ratio(epoch, cfg.stop_tf, cfg.epochs)
-        bar = tqdm(total=batches_per_epoch, initial=ts["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not progress or rank != 0)
-        while ts["batch"] < batches_per_epoch:
-            b = ts["batch"]
-            lr = learning_rate(cfg, epoch, b, batches_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            coin = use_true_thoughts(cfg.seed, epoch, b, ratio)
-            if world == 1:
-                batch = make_batch(train_demos, batches[b], device, padding=padding)
-            else:
-                # The batch is sorted by length, so every r-th episode gives the ranks similar shares.
-                episodes = batches[b]
-                batch = make_batch(train_demos, episodes[rank::world], device, steps=int(lengths[episodes].max()))
-            sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale, graphs)
-            ts["epoch_sums"] = {k: ts["epoch_sums"][k] + sums[k] for k in STAT_KEYS}
-            ts["batch"] += 1
-            ts["updates"] += 1
-            ts["frames"] += int(sums["frames"])
-            ts["wall_time_s"] = time.perf_counter() - started
-            updates_here += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{summarize_stats(sums, cfg)['loss']:.3f}", lr=f"{lr:.2e}")
-            if stop_after_updates is not None and updates_here >= stop_after_updates:
-                bar.close()
-                return {"agent": agent, "history": ts["history"], "best": ts["best"], "finished": False,
-                        "frames": ts["frames"], "updates": ts["updates"]}
-            if ts["updates"] % cfg.checkpoint_interval == 0 and ts["batch"] < batches_per_epoch:
-                save_last()
-        bar.close()
+    try:
+        while ts["epoch"] < cfg.epochs:
+            epoch = ts["epoch"]
+            batches = epoch_batches(lengths, cfg, epoch)
+            batches_per_epoch = len(batches)
+            if world > 1 and min(map(len, batches)) < world:
+                raise ValueError(f"epoch {epoch + 1} has a batch of {min(map(len, batches))} episodes, fewer than the "
+                                 f"{world} processes; use a train.batch_size and episodes_per_epoch giving >= {world} per batch")
+            ratio = tf_ratio(epoch, cfg.stop_tf, cfg.epochs)
+            bar = tqdm(total=batches_per_epoch, initial=ts["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="batch", disable=not progress or rank != 0)
+            while ts["batch"] < batches_per_epoch:
+                b = ts["batch"]
+                lr = learning_rate(cfg, epoch, b, batches_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                coin = use_true_thoughts(cfg.seed, epoch, b, ratio)
+                if world == 1:
+                    batch = make_batch(train_demos, batches[b], device, padding=padding)
+                else:
+                    # The batch is sorted by length, so every r-th episode gives the ranks similar shares.
+                    episodes = batches[b]
+                    batch = make_batch(train_demos, episodes[rank::world], device, steps=int(lengths[episodes].max()))
+                sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale, graphs)
+                ts["epoch_sums"] = {k: ts["epoch_sums"][k] + sums[k] for k in STAT_KEYS}
+                ts["batch"] += 1
+                ts["updates"] += 1
+                ts["frames"] += int(sums["frames"])
+                ts["wall_time_s"] = time.perf_counter() - started
+                updates_here += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{summarize_stats(sums, cfg)['loss']:.3f}", lr=f"{lr:.2e}")
+                if stop_after_updates is not None and updates_here >= stop_after_updates:
+                    bar.close()
+                    return {"agent": agent, "history": ts["history"], "best": ts["best"], "finished": False,
+                            "frames": ts["frames"], "updates": ts["updates"]}
+                if ts["updates"] % cfg.checkpoint_interval == 0 and ts["batch"] < batches_per_epoch:
+                    save_last()
+            bar.close()
 
-        row = {"epoch": epoch + 1, "updates": ts["updates"], "frames": ts["frames"], "lr": lr, "tf_ratio": ratio,
-               **summarize_stats(ts["epoch_sums"], cfg, "train_")}
-        if ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and rank == 0:
-            row.update(validate(agent, val_demos, cfg, device, amp))
-            row["val_success"] = None
-            if evaluate_fn:
-                s = evaluate_fn(agent)
-                row.update(val_success=float(s["success_rate"]), val_success_ci_low=s["success_ci_low"],
-                           val_success_ci_high=s["success_ci_high"], val_episodes=s["episodes"])  # fmt: skip
-            agent.train()
-            key = [row["val_success"] if row["val_success"] is not None else -math.inf, row["val_action_acc"]]
-            if key > ts["best_key"]:
-                ts["best_key"] = key
-                ts["best"] = {k: row.get(k) for k in ("epoch", "frames", "val_success", "val_success_ci_low",
-                                                      "val_success_ci_high", "val_episodes", "val_action_acc",
-                                                      "val_thought_acc")}  # fmt: skip
-                save_checkpoint(best_path, agent, meta={"best": ts["best"], "train_config": asdict(cfg)})
-        ts["wall_time_s"] = time.perf_counter() - started
-        row["wall_time_s"] = ts["wall_time_s"]
-        ts["history"].append(row)
-        ts["epoch"], ts["batch"] = epoch + 1, 0
-        ts["epoch_sums"] = dict.fromkeys(STAT_KEYS, 0.0)
-        save_last()
-        if world > 1:
-            dist.barrier()  # the other ranks wait for rank 0's validation and checkpoint
-        if log_fn is not None and rank == 0:
-            log_fn({k: float(v) for k, v in row.items() if v is not None}, ts["frames"])
+            row = {"epoch": epoch + 1, "updates": ts["updates"], "frames": ts["frames"], "lr": lr, "tf_ratio": ratio,
+                   **summarize_stats(ts["epoch_sums"], cfg, "train_")}
+            if ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and rank == 0:
+                row.update(validate(agent, val_demos, cfg, device, amp))
+                row["val_success"] = None
+                if evaluate_fn:
+                    s = evaluate_fn(agent)
+                    row.update(val_success=float(s["success_rate"]), val_success_ci_low=s["success_ci_low"],
+                               val_success_ci_high=s["success_ci_high"], val_episodes=s["episodes"])  # fmt: skip
+                agent.train()
+                key = [row["val_success"] if row["val_success"] is not None else -math.inf, row["val_action_acc"]]
+                if key > ts["best_key"]:
+                    ts["best_key"] = key
+                    ts["best"] = {k: row.get(k) for k in ("epoch", "frames", "val_success", "val_success_ci_low",
+                                                          "val_success_ci_high", "val_episodes", "val_action_acc",
+                                                          "val_thought_acc")}  # fmt: skip
+                    save_checkpoint(best_path, agent, meta={"best": ts["best"], "train_config": asdict(cfg)})
+            ts["wall_time_s"] = time.perf_counter() - started
+            row["wall_time_s"] = ts["wall_time_s"]
+            ts["history"].append(row)
+            ts["epoch"], ts["batch"] = epoch + 1, 0
+            ts["epoch_sums"] = dict.fromkeys(STAT_KEYS, 0.0)
+            save_last()
+            if world > 1:
+                dist.barrier()  # the other ranks wait for rank 0's validation and checkpoint
+            if log_fn is not None and rank == 0:
+                log_fn({k: float(v) for k, v in row.items() if v is not None}, ts["frames"])
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: where the same command resumes (tc.params.user_errors)
+        if rank == 0:
+            err.add_note(resume_note(last_path, saved, ts["updates"], cfg))
+        raise
     return {"agent": agent, "history": ts["history"], "best": ts["best"], "finished": True, "frames": ts["frames"],
             "updates": ts["updates"], "wall_time_s": ts["wall_time_s"], "parameters": count_parameters(agent)}

@@ -1,0 +1,105 @@
+"""A stage stopped by Ctrl-C (SIGINT to its process group, as a terminal sends it) or SIGTERM (a
+scheduler's preemption, ``kill``) ends in one line that says what is kept, stops its workers,
+and ends by that signal (tc.params.user_errors)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tc.checkpoint import load_checkpoint
+from tc.demos import generate_demos
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVEL = "BabyAI-GoToLocal-v0"
+
+
+@pytest.fixture(scope="module")
+def demos_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos") / "goto_local"
+    generate_demos(LEVEL, 0, 8, out, noise_rate=0.0, progress=False)
+    return out
+
+
+def write_params(folder: Path, demos: dict | None = None, **train) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["demos"].update(level=LEVEL, **(demos or {}))
+    params["model"].update(image_dim=16, memory_dim=32, instr_dim=16)
+    params["train"].update(epochs=1000, episodes_per_epoch=8, batch_size=4, val_episodes=0, device="cpu",
+                           checkpoint_interval=2, **train)  # fmt: skip
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def start(folder: Path, script: str, *args: str) -> subprocess.Popen:
+    """``stages/<script>`` in its own process group, with Ctrl-C's default action (a shell running the
+    tests in the background would pass on SIGINT ignored)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+
+    def session() -> None:
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / script), "--params", "params.yaml", *args],
+                            cwd=folder, env=env, preexec_fn=session, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def stop_when(proc: subprocess.Popen, ready: Path, signum: int, group: bool, timeout: float = 120) -> list[str]:
+    """Once ``ready`` exists, send ``signum`` to ``proc`` (``group``: to its whole process group); once
+    it has ended, its stderr lines from the first that says "stopped by" (before: progress bars,
+    warnings and MLflow's log), and then nothing of its group is left."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"{ready} did not appear within {timeout} s"
+        time.sleep(0.2)
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    stderr = proc.communicate(timeout=60)[1]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    time.sleep(0.5)  # the workers the stage stopped are reaped by then
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    first = [i for i, line in enumerate(lines) if line.startswith("stopped by")]
+    assert first, stderr[-3000:]
+    return lines[first[0] :]
+
+
+def test_ctrl_c_stops_training_in_one_line_that_says_where_it_resumes(tmp_path, demos_dir):
+    write_params(tmp_path)
+    proc = start(tmp_path, "train.py", "--agent", "tc", "--train", str(demos_dir), "--val", str(demos_dir),
+                 "--out", "models/tc", "--metrics", "metrics.json", "--history", "history.csv")  # fmt: skip
+    lines = stop_when(proc, tmp_path / "models/tc/last.pt", signal.SIGINT, group=True)
+    assert proc.returncode == -signal.SIGINT  # as if uncaught: a shell loop over stages stops too
+    saved = load_checkpoint(tmp_path / "models/tc/last.pt")["train_state"]["updates"]
+    assert re.fullmatch(rf"stopped by SIGINT; the same command resumes from models/tc/last.pt at update {saved} "
+                        rf"of 2000(, the \d+ update\(s\) after it are lost)?", lines[-1]), lines  # fmt: skip
+    assert len(lines) == 1, lines
+
+
+def test_sigterm_stops_demo_generation_and_its_workers(tmp_path):
+    write_params(tmp_path, {"episodes": 4000, "shard_size": 20, "workers": 2})
+    proc = start(tmp_path, "generate_demos.py", "--train-out", "train", "--val-out", "val")
+    lines = stop_when(proc, tmp_path / "train/shard-00000.npz", signal.SIGTERM, group=False)  # the stage alone
+    assert proc.returncode == -signal.SIGTERM
+    written = len(list((tmp_path / "train").glob("shard-*.npz")))
+    assert lines == [f"stopped by SIGTERM; {written} of the 200 shards of train are written; the same command "
+                     f"makes the rest"]  # fmt: skip
+
+
+def test_ctrl_c_stops_two_training_processes_in_two_lines(tmp_path, demos_dir):
+    write_params(tmp_path, nproc=2)
+    proc = start(tmp_path, "train.py", "--agent", "bc", "--train", str(demos_dir), "--val", str(demos_dir),
+                 "--out", "models/bc", "--metrics", "metrics.json", "--history", "history.csv")  # fmt: skip
+    lines = stop_when(proc, tmp_path / "models/bc/last.pt", signal.SIGINT, group=True)
+    assert proc.returncode == -signal.SIGINT
+    # The first process says where training resumes, the launcher that the processes stopped.
+    assert len(lines) == 2 and "stopped by SIGINT; so were the 2 training processes" in lines, lines
+    assert any(line.startswith("stopped by SIGINT; the same command resumes from models/bc/last.pt") for line in lines)
