@@ -44,7 +44,7 @@ from tc.train import TrainConfig, check_resume, train
 
 
 def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demos, restart_if_changed: bool,
-               other_code: bool) -> bool:  # fmt: skip
+               other_code: bool, say: bool = True) -> bool:  # fmt: skip
     """Whether to continue from ``last`` (<out>/last.pt).
 
     A last.pt made with other settings or data is refused (UserError), or, with
@@ -53,7 +53,7 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
     new ones (`dvc exp run -S train.sg_coef=1`); with it, a last.pt written by other code
     (``other_code``: its folder's digest is not this code's, tc.provenance) starts afresh too; without it, such a last.pt is resumed with a
     warning (a run by hand after a fix that changes nothing learned). An unreadable last.pt
-    is always an error.
+    is always an error. ``say``: print what is done (with N processes, the first one alone does).
     """
     if not last.exists():
         return False
@@ -71,18 +71,19 @@ def can_resume(last: Path, model_cfg: ModelConfig, cfg: TrainConfig, demos: Demo
             written = f"{last} was written by other code (the stage or a tc module changed since)"
             if restart_if_changed:
                 raise ValueError(written)
-            print(f"warning: {written}; resuming it as asked (--no-resume starts afresh, as dvc repro will)",
-                  file=sys.stderr)
+            if say:
+                print(f"warning: {written}; resuming it as asked (--no-resume starts afresh, as dvc repro will)",
+                      file=sys.stderr)
     except ValueError as err:
         if not restart_if_changed:
             raise UserError(f"{err}, or pass --no-resume") from None
-        print(f"starting afresh: {err}")
+        if say:
+            print(f"starting afresh: {err}")
         return False
     ts = ckpt["train_state"]
-    if ts["epoch"] >= cfg.epochs:
-        print(f"resuming from {last}: its run is finished, nothing left to train")
-    else:
-        print(f"resuming from {last} at epoch {ts['epoch'] + 1}, update {ts['updates']}")
+    if say:
+        print(f"resuming from {last}: its run is finished, nothing left to train" if ts["epoch"] >= cfg.epochs
+              else f"resuming from {last} at epoch {ts['epoch'] + 1}, update {ts['updates']}")  # fmt: skip
     return True
 
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         code = code_digest(__file__)
         other_code = recorded_digest(args.out) != code
         resume = not args.no_resume and can_resume(Path(args.out) / "last.pt", model_cfg, cfg, train_demos,
-                                                   args.restart_if_changed, other_code)  # fmt: skip
+                                                   args.restart_if_changed, other_code, say=rank == 0)  # fmt: skip
         if world > 1:
             dist.barrier()  # every rank has read the recorded digest before rank 0 replaces it
         # A run resumed over other code's last.pt keeps that code's digest: it is not this code's
