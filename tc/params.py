@@ -285,6 +285,30 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then raise them as they would have been:
+    for a few lines that must not be cut in half (an optimizer step and its count). Only in the
+    main thread; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)  # KeyboardInterrupt or Stopped
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
+
+
 def quiet_worker() -> None:
     """In a worker process (a pool's initializer, a forked worker's first call): Ctrl-C ignored and
     SIGTERM at its default. The parent, which gets Ctrl-C too, stops its workers (SIGTERM) on

@@ -16,9 +16,10 @@ frames of an update (tc.model.BatchNorm2d).
 
 Everything is deterministic for a given seed: the episode order and the teacher-forcing
 coins are pure functions of (seed, epoch, batch). ``last.pt`` is rewritten every
-``checkpoint_interval`` updates and at every epoch end with the full resume state
-(model, optimizer, RNGs, position, history); a killed run resumed from it ends with the
-same weights, bit for bit on CPU, as an uninterrupted one.
+``checkpoint_interval`` updates, at every epoch end and when the run is stopped (Ctrl-C,
+SIGTERM) with the full resume state (model, optimizer, RNGs,
+position, history); a killed run resumed from it ends with the same weights, bit for bit on
+CPU, as an uninterrupted one.
 
 Under a process group (torchrun, see tc.distributed) each of the N ranks takes the episodes
 r, r + N, ... of every batch and the update is the one-process update of the whole batch;
@@ -47,7 +48,7 @@ from tc.demos import Demos
 from tc.device import pick_device
 from tc.kernels import COMPILE_MODES, one_line, record
 from tc.model import Agent, AgentOutput, BatchNorm2d, ModelConfig, commit_batchnorm, compile_or_warn, count_parameters
-from tc.params import check_fields, dataclass_from_dict, param
+from tc.params import check_fields, dataclass_from_dict, param, stops_deferred
 
 LogFn = Callable[[dict[str, float], int], None]
 EvaluateFn = Callable[[Agent], dict]
@@ -546,6 +547,24 @@ def train_update(
     and the returned statistics are summed over the ranks before the step. With ``graphs``
     (a padded ``batch``), the chunks are replayed from CUDA graphs.
     """
+    sums = gradients(agent, optimizer, batch, cfg, true_thoughts, amp, scale, graphs)
+    apply_gradients(agent, optimizer, cfg)
+    return sums
+
+
+def gradients(
+    agent: Agent,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    cfg: TrainConfig,
+    true_thoughts: bool,
+    amp: bool,
+    scale: tuple[float, float],
+    graphs: ChunkGraphs | None = None,
+) -> dict[str, float]:
+    """The first part of :func:`train_update`: the gradients of ``batch`` (summed over the ranks)
+    in the parameters' ``.grad``, its BatchNorm statistics pending; returns its statistics.
+    Nothing that a checkpoint holds changes."""
     if graphs is None:
         optimizer.zero_grad(set_to_none=True)
         sums = run_batch(agent, batch, cfg, true_thoughts, amp, scale)
@@ -555,11 +574,15 @@ def train_update(
     if distributed.rank_and_world()[1] > 1:
         distributed.all_reduce_grads(agent.parameters())
         sums = distributed.all_reduce_sums(sums, batch.images.device)
+    return sums
+
+
+def apply_gradients(agent: Agent, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """The second part of :func:`train_update`: the BatchNorm statistics and the optimizer step."""
     commit_batchnorm(agent)
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
     optimizer.step()
-    return sums
 
 
 def summarize_stats(sums: dict[str, float], cfg: TrainConfig, prefix: str = "") -> dict[str, float | None]:
@@ -739,11 +762,11 @@ def train(
 
     saved = ts["updates"] if resume and last_path.exists() else None  # the updates last.pt holds
 
-    def save_last() -> None:
+    def save_last(rng: dict | None = None) -> None:
         nonlocal saved
         if rank != 0:
             return
-        state = dict(ts, optimizer=optimizer.state_dict(), rng=rng_state(), train_config=asdict(cfg),
+        state = dict(ts, optimizer=optimizer.state_dict(), rng=rng or rng_state(), train_config=asdict(cfg),
                      data=data_signature(train_demos))
         save_checkpoint(last_path, agent, train_state=state)
         saved = ts["updates"]
@@ -752,6 +775,8 @@ def train(
     updates_here = 0
     started = time.perf_counter() - ts["wall_time_s"]
     agent.train()
+    batches_per_epoch = 0
+    update_rng = None  # the RNG states before the update or validation under way: what a stop saves
     try:
         while ts["epoch"] < cfg.epochs:
             epoch = ts["epoch"]
@@ -764,6 +789,7 @@ def train(
             bar = tqdm(total=batches_per_epoch, initial=ts["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", disable=not progress or rank != 0)
             while ts["batch"] < batches_per_epoch:
+                update_rng = rng_state()
                 b = ts["batch"]
                 lr = learning_rate(cfg, epoch, b, batches_per_epoch)
                 for group in optimizer.param_groups:
@@ -775,12 +801,15 @@ def train(
                     # The batch is sorted by length, so every r-th episode gives the ranks similar shares.
                     episodes = batches[b]
                     batch = make_batch(train_demos, episodes[rank::world], device, steps=int(lengths[episodes].max()))
-                sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale, graphs)
-                ts["epoch_sums"] = {k: ts["epoch_sums"][k] + sums[k] for k in STAT_KEYS}
-                ts["batch"] += 1
-                ts["updates"] += 1
-                ts["frames"] += int(sums["frames"])
-                ts["wall_time_s"] = time.perf_counter() - started
+                sums = gradients(agent, optimizer, batch, cfg, coin, amp, scale, graphs)
+                with stops_deferred():  # the step and its count land together: a stop sees both or neither
+                    apply_gradients(agent, optimizer, cfg)
+                    ts["epoch_sums"] = {k: ts["epoch_sums"][k] + sums[k] for k in STAT_KEYS}
+                    ts["batch"] += 1
+                    ts["updates"] += 1
+                    ts["frames"] += int(sums["frames"])
+                    ts["wall_time_s"] = time.perf_counter() - started
+                    update_rng = None
                 updates_here += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{summarize_stats(sums, cfg)['loss']:.3f}", lr=f"{lr:.2e}")
@@ -792,8 +821,12 @@ def train(
                     save_last()
             bar.close()
 
+            update_rng = rng_state()  # the validation's draws, if any, are undone by a stop too
+            # The last update's rate (a run stopped during the validation resumes here, after the loop).
+            lr = learning_rate(cfg, epoch, batches_per_epoch - 1, batches_per_epoch)
             row = {"epoch": epoch + 1, "updates": ts["updates"], "frames": ts["frames"], "lr": lr, "tf_ratio": ratio,
                    **summarize_stats(ts["epoch_sums"], cfg, "train_")}
+            best = None
             if ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and rank == 0:
                 row.update(validate(agent, val_demos, cfg, device, amp))
                 row["val_success"] = None
@@ -804,24 +837,34 @@ def train(
                 agent.train()
                 key = [row["val_success"] if row["val_success"] is not None else -math.inf, row["val_action_acc"]]
                 if key > ts["best_key"]:
-                    ts["best_key"] = key
-                    ts["best"] = {k: row.get(k) for k in ("epoch", "frames", "val_success", "val_success_ci_low",
-                                                          "val_success_ci_high", "val_episodes", "val_action_acc",
-                                                          "val_thought_acc")}  # fmt: skip
-                    save_checkpoint(best_path, agent, meta={"best": ts["best"], "train_config": asdict(cfg)})
+                    best = key, {k: row.get(k) for k in ("epoch", "frames", "val_success", "val_success_ci_low",
+                                                         "val_success_ci_high", "val_episodes", "val_action_acc",
+                                                         "val_thought_acc")}  # fmt: skip
+                    save_checkpoint(best_path, agent, meta={"best": best[1], "train_config": asdict(cfg)})
             ts["wall_time_s"] = time.perf_counter() - started
             row["wall_time_s"] = ts["wall_time_s"]
-            ts["history"].append(row)
-            ts["epoch"], ts["batch"] = epoch + 1, 0
-            ts["epoch_sums"] = dict.fromkeys(STAT_KEYS, 0.0)
+            # The epoch's record and the next epoch's start land together: a stop sees all or none
+            # (stopped before, the resumed run validates again, and writes the same best.pt again).
+            with stops_deferred():
+                if best is not None:
+                    ts["best_key"], ts["best"] = best
+                ts["history"].append(row)
+                ts["epoch"], ts["batch"] = epoch + 1, 0
+                ts["epoch_sums"] = dict.fromkeys(STAT_KEYS, 0.0)
+                update_rng = None
             save_last()
             if world > 1:
                 dist.barrier()  # the other ranks wait for rank 0's validation and checkpoint
             if log_fn is not None and rank == 0:
                 log_fn({k: float(v) for k, v in row.items() if v is not None}, ts["frames"])
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: where the same command resumes (tc.params.user_errors)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: saved on the way out (once the loop has begun)
+        if rank == 0 and batches_per_epoch > 0:
+            try:
+                save_last(update_rng)  # an update under way is undone: its RNG draws too
+            except Exception as problem:  # noqa: BLE001 -- a full disk: the note says what is kept
+                err.add_note(f"saving {last_path} failed ({one_line(problem)})")
         if rank == 0:
-            err.add_note(resume_note(last_path, saved, ts["updates"], cfg))
+            err.add_note(resume_note(last_path, saved, ts["updates"], cfg))  # tc.params.user_errors says it
         raise
     return {"agent": agent, "history": ts["history"], "best": ts["best"], "finished": True, "frames": ts["frames"],
             "updates": ts["updates"], "wall_time_s": ts["wall_time_s"], "parameters": count_parameters(agent)}

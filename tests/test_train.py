@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -143,6 +144,65 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, demos):
         train(TINY, replace(cfg, lr=1e-3), demos, demos, tmp_path / "cut", progress=False)
     with pytest.raises(ValueError, match=r"last\.pt holds a different model architecture.*memory_dim"):
         train(replace(TINY, memory_dim=64), cfg, demos, demos, tmp_path / "cut", progress=False)
+
+
+@pytest.mark.parametrize("where", ["computing gradients", "in the step", "validating", "saving fails"])
+def test_a_stop_saves_last_pt_and_the_resumed_run_is_bit_identical(tmp_path, demos, monkeypatch, where):
+    """Ctrl-C or SIGTERM (KeyboardInterrupt, tc.params.user_errors) during training: last.pt is
+    saved on the way out, and the resumed run ends as an uninterrupted one. 4 updates a epoch,
+    no other save mid-epoch, teacher forcing 0 in epoch 2 (the thought decoder's draws too)."""
+    import tc.train
+
+    cfg = replace(FAST, batch_size=2)
+    full = train(TINY, cfg, demos, demos, tmp_path / "full", progress=False)
+    calls = 0
+    real_gradients, real_apply, real_validate = tc.train.gradients, tc.train.apply_gradients, tc.train.validate
+
+    def gradients(*args):
+        nonlocal calls
+        calls += 1
+        sums = real_gradients(*args)  # dropout and thought decoding have drawn from the RNGs by now
+        if where in ("computing gradients", "saving fails") and calls == 3:
+            raise KeyboardInterrupt
+        return sums
+
+    def apply_gradients(*args):
+        if where == "in the step" and calls == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # held until the step is counted (tc.params.stops_deferred)
+        real_apply(*args)
+
+    def validate(*args):
+        if where == "validating":  # after the epoch's last update, before its row
+            raise KeyboardInterrupt
+        return real_validate(*args)
+
+    def save_checkpoint(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tc.train, "gradients", gradients)
+    monkeypatch.setattr(tc.train, "apply_gradients", apply_gradients)
+    monkeypatch.setattr(tc.train, "validate", validate)
+    if where == "saving fails":
+        monkeypatch.setattr(tc.train, "save_checkpoint", save_checkpoint)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        train(TINY, cfg, demos, demos, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    last = tmp_path / "cut" / "last.pt"
+    if where == "saving fails":
+        assert not last.exists() and stop.value.__notes__ == [
+            f"saving {last} failed (OSError: No space left on device)",
+            "this run has saved nothing yet (last.pt is written every 1000 updates and at every epoch's end), so the "
+            "same command starts afresh"]  # fmt: skip
+        return
+    done = {"computing gradients": 2, "in the step": 3, "validating": 4}[where]
+    assert load_checkpoint(last)["train_state"]["updates"] == done
+    assert stop.value.__notes__ == [f"the same command resumes from {last} at update {done} of 8"]
+    resumed = train(TINY, cfg, demos, demos, tmp_path / "cut", progress=False)
+    assert resumed["finished"] and resumed["updates"] == full["updates"] == 8
+    a, b = full["agent"].state_dict(), resumed["agent"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]  # noqa: E731
+    assert strip(full["history"]) == strip(resumed["history"])
 
 
 def test_best_checkpoint_follows_val_success(tmp_path, demos):
