@@ -285,28 +285,51 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def stops_deferred() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM until the block is done, then raise them as they would have been:
-    for a few lines that must not be cut in half (an optimizer step and its count). Only in the
-    main thread; elsewhere nothing changes."""
+    for a few lines that must not be cut in half (an optimizer step and its count). A block that
+    raises keeps its own exception (the held stop is dropped: the process is ending anyway). Only
+    in the main thread; elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in held}
+    previous: dict[int, Any] = {}
     try:
+        for s in STOPS:  # one by one inside the try: a stop between the two is restored too
+            previous[s] = signal.signal(s, lambda signum, _frame: caught.append(signum))
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if caught:
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)  # KeyboardInterrupt or Stopped
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(caught[0])
+    if caught:
+        handler = previous[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)  # KeyboardInterrupt or Stopped
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(caught[0])
+
+
+@contextlib.contextmanager
+def stops_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while inside: for what a stop does on its way out (saving a
+    checkpoint), which a second Ctrl-C or a launcher's SIGTERM after a scheduler's would cut
+    short. Only in the main thread; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+    try:
+        for s in STOPS:
+            previous[s] = signal.signal(s, signal.SIG_IGN)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def quiet_worker() -> None:
@@ -343,9 +366,13 @@ def user_errors() -> Iterator[None]:
 
 def end_by_signal(signum: int, notes: list[str]) -> None:
     """Say in one line that ``signum`` stopped the process, then end the process by it."""
-    # torchrun's processes: the launcher says what stopped them, and stops them with SIGTERM when
-    # one fails; on Ctrl-C, which reaches them all, the first one adds where training resumes.
-    if int(os.environ.get("RANK", "0")) == 0 and not ("LOCAL_RANK" in os.environ and signum == signal.SIGTERM):
+    for s in STOPS:  # a second stop now would end in a traceback
+        signal.signal(s, signal.SIG_IGN)
+    # torchrun's processes: the launcher says what stopped them, passing its signal on, or
+    # SIGTERM when one of them failed. The first one adds what it saved (where training resumes);
+    # without a note (stopped while starting), it leaves the launcher's line alone.
+    torchrun = "LOCAL_RANK" in os.environ
+    if int(os.environ.get("RANK", "0")) == 0 and (notes or not torchrun):
         # A new line first: a progress bar may be half-way through its line.
         sys.stderr.write(f"\nstopped by {signal.Signals(signum).name}{''.join(f'; {n}' for n in notes)}\n")
     sys.stdout.flush()

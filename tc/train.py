@@ -16,10 +16,10 @@ frames of an update (tc.model.BatchNorm2d).
 
 Everything is deterministic for a given seed: the episode order and the teacher-forcing
 coins are pure functions of (seed, epoch, batch). ``last.pt`` is rewritten every
-``checkpoint_interval`` updates, at every epoch end and when the run is stopped (Ctrl-C,
-SIGTERM) with the full resume state (model, optimizer, RNGs,
-position, history); a killed run resumed from it ends with the same weights, bit for bit on
-CPU, as an uninterrupted one.
+``checkpoint_interval`` updates, at every epoch end and when the run is stopped (a
+KeyboardInterrupt: Ctrl-C, or SIGTERM under tc.params.sigterm_unwinds) with the full resume
+state (model, optimizer, RNGs, position, history); a killed run resumed from it ends with the
+same weights, bit for bit on CPU, as an uninterrupted one.
 
 Under a process group (torchrun, see tc.distributed) each of the N ranks takes the episodes
 r, r + N, ... of every batch and the update is the one-process update of the whole batch;
@@ -48,7 +48,7 @@ from tc.demos import Demos
 from tc.device import pick_device
 from tc.kernels import COMPILE_MODES, one_line, record
 from tc.model import Agent, AgentOutput, BatchNorm2d, ModelConfig, commit_batchnorm, compile_or_warn, count_parameters
-from tc.params import check_fields, dataclass_from_dict, param, stops_deferred
+from tc.params import check_fields, dataclass_from_dict, param, stops_deferred, stops_ignored
 
 LogFn = Callable[[dict[str, float], int], None]
 EvaluateFn = Callable[[Agent], dict]
@@ -858,13 +858,14 @@ def train(
             if log_fn is not None and rank == 0:
                 log_fn({k: float(v) for k, v in row.items() if v is not None}, ts["frames"])
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: saved on the way out (once the loop has begun)
-        if rank == 0 and batches_per_epoch > 0:
-            try:
-                save_last(update_rng)  # an update under way is undone: its RNG draws too
-            except Exception as problem:  # noqa: BLE001 -- a full disk: the note says what is kept
-                err.add_note(f"saving {last_path} failed ({one_line(problem)})")
         if rank == 0:
-            err.add_note(resume_note(last_path, saved, ts["updates"], cfg))  # tc.params.user_errors says it
+            with stops_ignored():  # a second Ctrl-C, or the launcher's SIGTERM after a scheduler's
+                if batches_per_epoch > 0:
+                    try:
+                        save_last(update_rng)  # an update under way is undone: its RNG draws too
+                    except Exception as problem:  # noqa: BLE001 -- a full disk: the note says what is kept
+                        err.add_note(f"saving {last_path} failed ({one_line(problem)})")
+                err.add_note(resume_note(last_path, saved, ts["updates"], cfg))  # tc.params.user_errors says it
         raise
     return {"agent": agent, "history": ts["history"], "best": ts["best"], "finished": True, "frames": ts["frames"],
             "updates": ts["updates"], "wall_time_s": ts["wall_time_s"], "parameters": count_parameters(agent)}

@@ -150,13 +150,24 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, demos):
 def test_a_stop_saves_last_pt_and_the_resumed_run_is_bit_identical(tmp_path, demos, monkeypatch, where):
     """Ctrl-C or SIGTERM (KeyboardInterrupt, tc.params.user_errors) during training: last.pt is
     saved on the way out, and the resumed run ends as an uninterrupted one. 4 updates a epoch,
-    no other save mid-epoch, teacher forcing 0 in epoch 2 (the thought decoder's draws too)."""
+    no other save mid-epoch, teacher forcing 0 in epoch 2 (the thought decoder's draws too), a
+    validation that draws from the RNG (as sampled rollouts do)."""
     import tc.train
+    from tc.stats import wilson_interval
+
+    stopping = False
+
+    def evaluate_fn(agent):
+        k = int(torch.randint(0, 5, ()))
+        if where == "validating" and stopping:  # after the epoch's last update, before its row
+            raise KeyboardInterrupt
+        low, high = wilson_interval(k, 4)
+        return {"success_rate": k / 4, "success_ci_low": low, "success_ci_high": high, "episodes": 4}
 
     cfg = replace(FAST, batch_size=2)
-    full = train(TINY, cfg, demos, demos, tmp_path / "full", progress=False)
-    calls = 0
-    real_gradients, real_apply, real_validate = tc.train.gradients, tc.train.apply_gradients, tc.train.validate
+    full = train(TINY, cfg, demos, demos, tmp_path / "full", evaluate_fn=evaluate_fn, progress=False)
+    stopping, calls = True, 0
+    real_gradients, real_apply = tc.train.gradients, tc.train.apply_gradients
 
     def gradients(*args):
         nonlocal calls
@@ -171,22 +182,22 @@ def test_a_stop_saves_last_pt_and_the_resumed_run_is_bit_identical(tmp_path, dem
             os.kill(os.getpid(), signal.SIGINT)  # held until the step is counted (tc.params.stops_deferred)
         real_apply(*args)
 
-    def validate(*args):
-        if where == "validating":  # after the epoch's last update, before its row
-            raise KeyboardInterrupt
-        return real_validate(*args)
-
     def save_checkpoint(*args, **kwargs):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(tc.train, "gradients", gradients)
     monkeypatch.setattr(tc.train, "apply_gradients", apply_gradients)
-    monkeypatch.setattr(tc.train, "validate", validate)
     if where == "saving fails":
         monkeypatch.setattr(tc.train, "save_checkpoint", save_checkpoint)
-    with pytest.raises(KeyboardInterrupt) as stop:
-        train(TINY, cfg, demos, demos, tmp_path / "cut", progress=False)
+    # Ctrl-C's handler, whatever pytest was started with (a background job ignores SIGINT).
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stop:
+            train(TINY, cfg, demos, demos, tmp_path / "cut", evaluate_fn=evaluate_fn, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, handler)
     monkeypatch.undo()
+    stopping = False
     last = tmp_path / "cut" / "last.pt"
     if where == "saving fails":
         assert not last.exists() and stop.value.__notes__ == [
@@ -197,7 +208,7 @@ def test_a_stop_saves_last_pt_and_the_resumed_run_is_bit_identical(tmp_path, dem
     done = {"computing gradients": 2, "in the step": 3, "validating": 4}[where]
     assert load_checkpoint(last)["train_state"]["updates"] == done
     assert stop.value.__notes__ == [f"the same command resumes from {last} at update {done} of 8"]
-    resumed = train(TINY, cfg, demos, demos, tmp_path / "cut", progress=False)
+    resumed = train(TINY, cfg, demos, demos, tmp_path / "cut", evaluate_fn=evaluate_fn, progress=False)
     assert resumed["finished"] and resumed["updates"] == full["updates"] == 8
     a, b = full["agent"].state_dict(), resumed["agent"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
