@@ -243,6 +243,13 @@ def test_killed_training_resumes_under_dvc_repro(micro_repo):
                 break
             time.sleep(0.05)
         proc.wait(timeout=120)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # dvc may end first: the stage saves last.pt on its way out
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
     killed_at = train_state(last)
     assert proc.returncode != 0 and killed_at["sg_coef"] == 1.0, log_path.read_text()[-3000:]
     assert "starting afresh" in log_path.read_text()  # the persisted last.pt had sg_coef 2
