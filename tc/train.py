@@ -540,31 +540,16 @@ def train_update(
     amp: bool,
     scale: tuple[float, float],
     graphs: ChunkGraphs | None = None,
+    step: bool = True,
 ) -> dict[str, float]:
     """One optimizer step on ``batch`` (gradients of all its chunks); returns its statistics.
 
     Under a process group, ``batch`` is this rank's part: gradients, BatchNorm statistics
     and the returned statistics are summed over the ranks before the step. With ``graphs``
-    (a padded ``batch``), the chunks are replayed from CUDA graphs.
+    (a padded ``batch``), the chunks are replayed from CUDA graphs. ``step`` False: the
+    gradients alone, in the parameters' ``.grad``, the BatchNorm statistics pending, nothing
+    a checkpoint holds changed; :func:`apply_gradients` takes the step.
     """
-    sums = gradients(agent, optimizer, batch, cfg, true_thoughts, amp, scale, graphs)
-    apply_gradients(agent, optimizer, cfg)
-    return sums
-
-
-def gradients(
-    agent: Agent,
-    optimizer: torch.optim.Optimizer,
-    batch: Batch,
-    cfg: TrainConfig,
-    true_thoughts: bool,
-    amp: bool,
-    scale: tuple[float, float],
-    graphs: ChunkGraphs | None = None,
-) -> dict[str, float]:
-    """The first part of :func:`train_update`: the gradients of ``batch`` (summed over the ranks)
-    in the parameters' ``.grad``, its BatchNorm statistics pending; returns its statistics.
-    Nothing that a checkpoint holds changes."""
     if graphs is None:
         optimizer.zero_grad(set_to_none=True)
         sums = run_batch(agent, batch, cfg, true_thoughts, amp, scale)
@@ -574,11 +559,13 @@ def gradients(
     if distributed.rank_and_world()[1] > 1:
         distributed.all_reduce_grads(agent.parameters())
         sums = distributed.all_reduce_sums(sums, batch.images.device)
+    if step:
+        apply_gradients(agent, optimizer, cfg)
     return sums
 
 
 def apply_gradients(agent: Agent, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """The second part of :func:`train_update`: the BatchNorm statistics and the optimizer step."""
+    """The step after :func:`train_update` with ``step`` False: the BatchNorm statistics and the optimizer's."""
     commit_batchnorm(agent)
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
@@ -801,7 +788,7 @@ def train(
                     # The batch is sorted by length, so every r-th episode gives the ranks similar shares.
                     episodes = batches[b]
                     batch = make_batch(train_demos, episodes[rank::world], device, steps=int(lengths[episodes].max()))
-                sums = gradients(agent, optimizer, batch, cfg, coin, amp, scale, graphs)
+                sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale, graphs, step=False)
                 with stops_deferred():  # the step and its count land together: a stop sees both or neither
                     apply_gradients(agent, optimizer, cfg)
                     ts["epoch_sums"] = {k: ts["epoch_sums"][k] + sums[k] for k in STAT_KEYS}

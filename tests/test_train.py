@@ -167,12 +167,12 @@ def test_a_stop_saves_last_pt_and_the_resumed_run_is_bit_identical(tmp_path, dem
     cfg = replace(FAST, batch_size=2)
     full = train(TINY, cfg, demos, demos, tmp_path / "full", evaluate_fn=evaluate_fn, progress=False)
     stopping, calls = True, 0
-    real_gradients, real_apply = tc.train.gradients, tc.train.apply_gradients
+    real_update, real_apply = tc.train.train_update, tc.train.apply_gradients
 
-    def gradients(*args):
+    def train_update(*args, **kwargs):
         nonlocal calls
         calls += 1
-        sums = real_gradients(*args)  # dropout and thought decoding have drawn from the RNGs by now
+        sums = real_update(*args, **kwargs)  # dropout and thought decoding have drawn from the RNGs by now
         if where in ("computing gradients", "saving fails") and calls == 3:
             raise KeyboardInterrupt
         return sums
@@ -185,7 +185,7 @@ def test_a_stop_saves_last_pt_and_the_resumed_run_is_bit_identical(tmp_path, dem
     def save_checkpoint(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(tc.train, "gradients", gradients)
+    monkeypatch.setattr(tc.train, "train_update", train_update)
     monkeypatch.setattr(tc.train, "apply_gradients", apply_gradients)
     if where == "saving fails":
         monkeypatch.setattr(tc.train, "save_checkpoint", save_checkpoint)
