@@ -28,7 +28,7 @@ from typing import Any
 
 import mlflow
 
-from tc.params import UserError, flatten, sigterm_unwinds
+from tc.params import UserError, flatten, sigterm_unwinds, stops_deferred
 
 DEFAULT_EXPERIMENT = "thought-cloning"
 PROBE_TIMEOUT_S = 3.0  # a healthy server answers /health in milliseconds
@@ -165,28 +165,56 @@ def start_run(
     all_tags = run_tags() | dict(tags or {})
     # Under `dvc exp run` the experiment's name tells the runs of a sweep apart in the UI's list.
     display = f"{run_name} [{os.environ['DVC_EXP_NAME']}]" if os.environ.get("DVC_EXP_NAME") else run_name
+    run = None
+    with sigterm_unwinds():
+        try:
+            # A stop cutting a write to the store in half leaves SQLite locked for the run's end:
+            # held until the run is in the store and then ended as KILLED below (so are the writes after).
+            with stops_deferred():
+                run = _open_run(uri, name, display, nested, all_tags)
+                mlflow.log_params(flatten(params))
+            yield run
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (tc.params.sigterm_unwinds)
+            if run is not None:
+                _end_run("KILLED", stop)
+            raise
+        except BaseException as err:
+            if run is not None:  # not an outer run when this one could not start
+                _end_run("FAILED", err)
+            raise
+        with stops_deferred():
+            mlflow.end_run("FINISHED")
+
+
+def _open_run(uri: str, name: str, display: str, nested: bool, tags: dict[str, str]) -> mlflow.ActiveRun:
+    """Start the run in experiment ``name``; a store that cannot take it is a one-line error."""
     try:
         mlflow.set_tracking_uri(uri)
         experiment_id = _experiment_id(name, uri)
         end_orphaned_runs(experiment_id)
-        run = mlflow.start_run(run_name=display, experiment_id=experiment_id, nested=nested, tags=all_tags)
+        return mlflow.start_run(run_name=display, experiment_id=experiment_id, nested=nested, tags=tags)
     except Exception as err:  # the store's own errors (SQLAlchemy, MlflowException): read-only, not a database...
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        first = _first_line(err)
         if "MLFLOW_ALLOW_FILE_STORE" in str(err):  # MLflow 3's long refusal; its way out is at the end
             first = ("this MLflow refuses file stores: use a database (e.g. sqlite:///mlflow.db) or set "
                      "MLFLOW_ALLOW_FILE_STORE=true")
         raise TrackingUnavailableError(f"MLflow store {uri} cannot take runs: {first}") from err
-    with sigterm_unwinds():
-        try:
-            mlflow.log_params(flatten(params))
-            yield run
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (tc.params.sigterm_unwinds)
-            mlflow.end_run("KILLED")
-            raise
-        except BaseException:
-            mlflow.end_run("FAILED")
-            raise
-        mlflow.end_run("FINISHED")
+
+
+def _end_run(status: str, err: BaseException) -> None:
+    """End the active run as ``status`` on the way out of ``err``; a store that refuses is
+    said on ``err`` rather than raised over it: the next run on this host ends the run
+    (:func:`end_orphaned_runs`)."""
+    try:
+        with stops_deferred():
+            mlflow.end_run(status)
+    except Exception as problem:  # noqa: BLE001 -- e.g. SQLite still locked
+        err.add_note(f"the MLflow run could not be marked {status} ({_first_line(problem)}); the next run on this "
+                     f"host marks it KILLED")
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
 
 
 def end_orphaned_runs(experiment_id: str) -> list[str]:
@@ -221,7 +249,8 @@ def _alive(pid: int) -> bool:
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log numeric metrics to the active run; None values (e.g. no validation this epoch) are skipped."""
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+    with stops_deferred():  # a write cut in half would leave SQLite locked for the run's end
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
 
 
 def metrics_logger() -> Callable[[dict[str, float], int], None]:

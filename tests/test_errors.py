@@ -200,6 +200,41 @@ def test_interrupted_runs_do_not_stay_running(store, how, status):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
 
 
+def test_a_stop_during_a_write_to_the_store_waits_for_it(store, monkeypatch):
+    """Ctrl-C in the middle of logging metrics: the write completes (cut in half, it left SQLite
+    locked and the run's end failed), then the stop ends the run as KILLED."""
+    real_log_metrics = mlflow.log_metrics
+
+    def log_metrics(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the write
+        real_log_metrics(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", log_metrics)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever pytest was started with
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with tracking.start_run("train-tc", {}) as run:
+                tracking.log_metrics({"val_success": 0.5}, step=1)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    finished = mlflow.get_run(run.info.run_id)
+    assert finished.info.status == "KILLED" and finished.data.metrics == {"val_success": 0.5}
+
+
+def test_a_run_the_store_cannot_end_is_said_not_raised(store, monkeypatch):
+    def end_run(status):
+        raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) database is locked")
+
+    with pytest.raises(KeyboardInterrupt) as stop:
+        with tracking.start_run("train-tc", {}):
+            monkeypatch.setattr(mlflow, "end_run", end_run)
+            raise KeyboardInterrupt
+    monkeypatch.undo()
+    mlflow.end_run()  # this process's record of the active run
+    assert stop.value.__notes__ == ["the MLflow run could not be marked KILLED ((sqlite3.OperationalError) database "
+                                    "is locked); the next run on this host marks it KILLED"]  # fmt: skip
+
+
 def test_run_name_carries_the_dvc_experiment(store, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "sg-sweep-1")
     with tracking.start_run("train-tc sg_coef=1", {}) as run:
