@@ -263,26 +263,37 @@ class Stopped(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
+def _handling(signals: tuple[int, ...], handler: Any) -> Iterator[dict[int, Any]]:
+    """``handler`` for ``signals`` while inside; yields the handlers it replaced. Signal handlers
+    can only be set from the main thread: elsewhere nothing changes (and nothing is yielded)."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield previous
+        return
+    try:
+        for s in signals:  # one by one inside the try: a signal between two is restored too
+            previous[s] = signal.signal(s, handler)
+        yield previous
+    finally:
+        for s, replaced in previous.items():
+            signal.signal(s, replaced)
+
+
+@contextlib.contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """Make SIGTERM raise :class:`Stopped` while inside, as Ctrl-C raises KeyboardInterrupt.
 
     Python's default SIGTERM handling exits without unwinding: a batch scheduler's preemption,
     ``kill`` or torchrun stopping its processes would leave an MLflow run RUNNING forever and
     worker processes behind. Unwinding runs the ``finally`` blocks and context managers on the
-    way out. Signal handlers can only be set from the main thread; elsewhere nothing changes.
+    way out. Only in the main thread; elsewhere nothing changes.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def stop(_signum, _frame):
-        raise Stopped(f"signal {_signum}")
+    def stop(signum, _frame):
+        raise Stopped(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
+    with _handling((signal.SIGTERM,), stop):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 STOPS = (signal.SIGINT, signal.SIGTERM)
@@ -294,18 +305,9 @@ def stops_deferred() -> Iterator[None]:
     for a few lines that must not be cut in half (an optimizer step and its count). A block that
     raises keeps its own exception (the held stop is dropped: the process is ending anyway). Only
     in the main thread; elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught: list[int] = []
-    previous: dict[int, Any] = {}
-    try:
-        for s in STOPS:  # one by one inside the try: a stop between the two is restored too
-            previous[s] = signal.signal(s, lambda signum, _frame: caught.append(signum))
+    with _handling(STOPS, lambda signum, _frame: caught.append(signum)) as previous:
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if caught:
         handler = previous[caught[0]]
         if callable(handler):
@@ -319,17 +321,8 @@ def stops_ignored() -> Iterator[None]:
     """Ignore Ctrl-C and SIGTERM while inside: for what a stop does on its way out (saving a
     checkpoint), which a second Ctrl-C or a launcher's SIGTERM after a scheduler's would cut
     short. Only in the main thread; elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
+    with _handling(STOPS, signal.SIG_IGN):
         yield
-        return
-    previous: dict[int, Any] = {}
-    try:
-        for s in STOPS:
-            previous[s] = signal.signal(s, signal.SIG_IGN)
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def quiet_worker() -> None:
