@@ -18,6 +18,7 @@ from tc import tracking
 from tc.demos import DemosConfig
 from tc.evaluate import EvaluateConfig, evaluate, success_difference
 from tc.io import check_output, write_json_atomic
+from tc.journal import Journal
 from tc.params import load_configs, user_errors
 from tc.safety import summary_with_fads
 
@@ -39,10 +40,13 @@ def main(argv: list[str] | None = None) -> None:
         check_output(args.out, "--out")
         seeds = list(range(c.evaluate.seed, c.evaluate.seed + c.evaluate.episodes))
         tc_agent, bc_agent = c.evaluate.load_agent(args.tc, "tc"), c.evaluate.load_agent(args.bc, "bc")
-        with tracking.start_run("evaluate", params, tags={"stage": "evaluate"}):
+        journal = Journal(args.out, __file__, {"--tc": args.tc, "--bc": args.bc}, evaluate=c.evaluate,
+                          level=c.demos.level)  # fmt: skip
+        with tracking.start_run("evaluate", params, tags={"stage": "evaluate"}), journal:
             report, runs = {}, {}
             for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent), ("bot", None)):
-                runs[mode] = evaluate(agent, c.demos.level, seeds, mode, **c.evaluate.kwargs())
+                runs[mode] = evaluate(agent, c.demos.level, seeds, mode, journal=journal.part(mode),
+                                      **c.evaluate.kwargs())  # fmt: skip
                 report[mode] = summary_with_fads(runs[mode])
                 tracking.log_metrics({f"{mode}_{k}": v for k, v in report[mode].items()})
                 print(f"{mode}: {report[mode]}")

@@ -17,6 +17,7 @@ import argparse
 from tc import tracking
 from tc.evaluate import EvaluateConfig, evaluate, success_difference
 from tc.io import check_output, write_json_atomic
+from tc.journal import Journal
 from tc.ood import AXES, load_level_sets
 from tc.params import load_configs, user_errors
 from tc.safety import summary_with_fads
@@ -40,10 +41,13 @@ def main(argv: list[str] | None = None) -> None:
         seeds = sorted({s for axis in AXES for bin_seeds in sets[axis].values() for s in bin_seeds})
 
         report = {axis: {b: {} for b in sets[axis]} for axis in AXES}
-        with tracking.start_run("ood", params, tags={"stage": "evaluate_ood"}):
+        journal = Journal(args.out, __file__, {"--levels": args.levels, "--tc": args.tc, "--bc": args.bc},
+                          evaluate=c.evaluate)  # fmt: skip
+        with tracking.start_run("ood", params, tags={"stage": "evaluate_ood"}), journal:
             runs = {}
             for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent)):
-                runs[mode] = {e.seed: e for e in evaluate(agent, sets["env_id"], seeds, mode, **c.evaluate.kwargs())}
+                runs[mode] = {e.seed: e for e in evaluate(agent, sets["env_id"], seeds, mode, journal=journal.part(mode),
+                                                          **c.evaluate.kwargs())}  # fmt: skip
                 for axis in AXES:
                     for b, bin_seeds in sets[axis].items():
                         cell = summary_with_fads([runs[mode][s] for s in bin_seeds])

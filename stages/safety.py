@@ -18,6 +18,7 @@ from tc import tracking
 from tc.demos import DemosConfig
 from tc.evaluate import EvaluateConfig
 from tc.io import check_output, write_json_atomic
+from tc.journal import Journal
 from tc.params import load_configs, user_errors
 from tc.safety import SafetyConfig, run_precrime
 
@@ -35,9 +36,11 @@ def main(argv: list[str] | None = None) -> None:
         agent = c.evaluate.load_agent(args.tc, "tc")
         seeds = list(range(c.safety.seed, c.safety.seed + c.safety.episodes))
 
-        with tracking.start_run("safety", params, tags={"stage": "safety"}):
+        journal = Journal(args.out, __file__, {"--tc": args.tc}, evaluate=c.evaluate, safety=c.safety,
+                          level=c.demos.level)  # fmt: skip
+        with tracking.start_run("safety", params, tags={"stage": "safety"}), journal:
             behaviours = c.safety.parsed_behaviours()
-            res = run_precrime(agent, c.demos.level, seeds, behaviours, **c.evaluate.kwargs())
+            res = run_precrime(agent, c.demos.level, seeds, behaviours, journal=journal, **c.evaluate.kwargs())
             report = {**res["behaviours"], "no_intervention": res["without"],
                       "fads": {**res["fads"], "episodes": len(seeds)}}  # fmt: skip
             for b in behaviours:

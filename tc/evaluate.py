@@ -37,6 +37,7 @@ from tc.checkpoint import CheckpointError, load_agent
 from tc.device import pick_device
 from tc.envs import check_env_id
 from tc.episodes import PICKUP, EnvGroup, Interaction, Rollout  # noqa: F401  (Interaction, PICKUP: re-exported)
+from tc.journal import Part
 from tc.kernels import COMPILE_MODES, one_line, record
 from tc.model import AgentOutput, compile_or_warn
 from tc.params import check_fields, param
@@ -104,6 +105,7 @@ def evaluate(
     fast: bool = True,
     workers: int = 1,
     cuda_graphs: bool = False,
+    journal: Part | None = None,
 ) -> list[Rollout]:
     """Run one episode per seed and return them in the order of ``seeds`` (``agent`` is left in eval mode).
 
@@ -120,6 +122,8 @@ def evaluate(
     not depend on it (tc.episodes).
     ``cuda_graphs``: on CUDA, the agent's steps are replayed from CUDA graphs (:class:`ActGraphs`);
     elsewhere ignored.
+    ``journal``: the episodes of these seeds it keeps are taken from it, not played again, and
+    every episode played is added to it as it ends (tc.journal: a stopped stage goes on).
     """
     check_env_id(env_id)
     check_mode(agent, mode)
@@ -130,7 +134,14 @@ def evaluate(
     device = next(agent.parameters()).device if agent is not None else torch.device("cpu")
     if agent is not None:
         agent.eval()
-    rows = min(batch_size, len(seeds))
+    if journal is not None and render:
+        raise ValueError("a journal keeps no rendered frames: render needs journal=None")
+    kept = journal.kept() if journal is not None else {}
+    episodes: list[Rollout | None] = [kept.get(int(s)) for s in seeds]
+    todo = [i for i, e in enumerate(episodes) if e is None]  # indices of the seeds to play
+    if not todo:
+        return episodes
+    rows = min(batch_size, len(todo))
     act = getattr(agent, "act", None)  # None: the bot acts
     if cuda_graphs and device.type == "cuda" and agent is not None:
         act = ActGraphs(agent, rows)
@@ -139,8 +150,7 @@ def evaluate(
         env_kwargs["max_steps"] = int(max_steps)
     if on_step is not None:
         workers = 1  # the hook reads the world: the environments must be in this process
-    episodes: list[Rollout | None] = [None] * len(seeds)
-    bar = tqdm(total=len(seeds), desc=f"eval {mode}", unit="ep", disable=not progress)
+    bar = tqdm(total=len(seeds), initial=len(seeds) - len(todo), desc=f"eval {mode}", unit="ep", disable=not progress)
     with EnvGroup(env_id, env_kwargs, fast, mode in ("oracle", "bot"), rows, workers) as group:
         # Slot j plays episode episode_of[j], now at its step steps[j]; live: the slots playing,
         # aligned with the rows of state/enc. A slot whose episode ends starts the next seed at
@@ -150,12 +160,12 @@ def evaluate(
         free, upcoming = list(range(rows)), 0
         enc = state = None
         while True:
-            if free and upcoming < len(seeds):
-                started, free = free[: len(seeds) - upcoming], free[len(seeds) - upcoming :]
-                starts = group.reset({j: int(seeds[upcoming + k]) for k, j in enumerate(started)})
+            if free and upcoming < len(todo):
+                started, free = free[: len(todo) - upcoming], free[len(todo) - upcoming :]
+                starts = group.reset({j: int(seeds[todo[upcoming + k]]) for k, j in enumerate(started)})
                 for k, j in enumerate(started):
-                    episode_of[j], steps[j], views[j] = upcoming + k, 0, starts[j][1]
-                    rngs[j] = np.random.default_rng([sample_seed, int(seeds[upcoming + k])])
+                    episode_of[j], steps[j], views[j] = todo[upcoming + k], 0, starts[j][1]
+                    rngs[j] = np.random.default_rng([sample_seed, int(seeds[todo[upcoming + k]])])
                 upcoming += len(started)
                 live += started
                 if agent is not None:
@@ -185,6 +195,8 @@ def evaluate(
             if ended:
                 for j, rollout in group.rollouts(sorted(ended)).items():
                     episodes[episode_of[j]] = rollout
+                    if journal is not None:
+                        journal.add(rollout)
                 free += sorted(ended)
                 bar.update(len(ended))
                 if agent is not None:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tc.evaluate import Interaction, OnStep, Rollout, evaluate, summarize
+from tc.journal import Journal
 from tc.params import check_fields, param
 from tc.stats import paired_difference, rate_fields
 from tc.thoughts import expert_thoughts
@@ -163,7 +164,8 @@ def summary_with_fads(episodes: list[Rollout]) -> dict:
 
 
 def run_precrime(
-    agent, env_id: str, seeds: list[int], behaviours: list[Behaviour], mode: str = "tc", **eval_kwargs
+    agent, env_id: str, seeds: list[int], behaviours: list[Behaviour], mode: str = "tc",
+    journal: Journal | None = None, **eval_kwargs
 ) -> dict:
     """Run ``mode`` without, then with the precrime intervention of each behaviour.
 
@@ -172,15 +174,17 @@ def run_precrime(
     ``{"episodes", "without": summary, "fads": ..., "behaviours": {name: {...}}}`` (numbers
     only: the definitions stay in params.yaml, so that they are no DVC metrics); the run
     without intervention is shared by all behaviours (same seeds, same sampling streams).
+    ``journal``: the runs' episodes kept and reused (tc.journal; parts "without" and "with <name>").
     A behaviour's row: the share of episodes showing it (``shown_*``), succeeding
     (``success_*``) and halted by the intervention, each with its Wilson 95% interval
     (``_ci_low``/``_ci_high``), and ``*_change``: with minus without, a paired difference.
     """
-    base = evaluate(agent, env_id, seeds, mode, **eval_kwargs)
+    kept = journal.part if journal is not None else lambda _name: None
+    base = evaluate(agent, env_id, seeds, mode, journal=kept("without"), **eval_kwargs)
     n = len(seeds)
     report = {"episodes": n, "without": summarize(base), "fads": fads(base), "behaviours": {}}
     for b in behaviours:
-        eps = evaluate(agent, env_id, seeds, mode, on_step=b.precrime(), **eval_kwargs)
+        eps = evaluate(agent, env_id, seeds, mode, on_step=b.precrime(), journal=kept(f"with {b.name}"), **eval_kwargs)
         row = {"episodes": n}
         for what, outcome in (("shown", b.shown_in), ("success", lambda e: e.success)):
             without, with_ = [int(outcome(e)) for e in base], [int(outcome(e)) for e in eps]

@@ -5,9 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tc.checkpoint import save_checkpoint
 from tc.cli import main as tc_main
 from tc.envs import LevelGenerationError, make_env, reset_quiet
 from tc.evaluate import PICKUP, EvaluateConfig, evaluate, steer, summarize
+from tc.journal import Journal
 from tc.model import Agent, ModelConfig
 from tc.ood import bot_solution_length
 from tc.thoughts import ThoughtBot
@@ -193,3 +195,44 @@ def test_a_seed_never_generated_in_a_worker_is_the_same_one_line_error(monkeypat
     monkeypatch.setattr("tc.envs.RESET_TIMEOUT_S", 1.0)  # the forked workers inherit it
     with pytest.raises(LevelGenerationError, match="seed 200000192 was not generated"):
         evaluate(None, "BabyAI-SynthS5R2-v0", [200000191, 200000192], "bot", batch_size=2, progress=False, workers=2)
+
+
+def test_a_stopped_evaluation_goes_on_from_the_episodes_it_kept(tmp_path, capsys):
+    agent, seeds = tiny_agent(), [18, 40, 41, 42, 43, 44]  # BossLevel 18: the oracle's bot re-plans
+    save_checkpoint(tmp_path / "tc.pt", agent)
+    kept_in = tmp_path / ".eval.json.episodes"
+    journal = lambda: Journal(tmp_path / "eval.json", __file__, {"--tc": tmp_path / "tc.pt"}, level=BOSS)  # noqa: E731
+    run = lambda **kw: evaluate(agent, BOSS, seeds, "oracle", batch_size=3, max_steps=30, progress=False, **kw)  # noqa: E731
+    whole = run()
+    assert sum(e.bot_restarts for e in whole) > 0 and sum(e.length for e in whole) > 100
+
+    def stop(i, step, *_):  # Ctrl-C while the fourth episode is under way
+        if i == 3 and step == 5:
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt) as stopped, journal() as j:
+        run(on_step=stop, journal=j.part("oracle"))
+    records = kept_in.read_text().splitlines()[1:]
+    assert 3 <= len(records) < len(seeds)
+    assert stopped.value.__notes__ == [f"{len(records)} episodes are kept in {kept_in}; the same command goes on "
+                                       f"from them"]  # fmt: skip
+    kept = {int(r.split('"seed": ')[1].split(",")[0]) for r in records}
+    with kept_in.open("a") as f:
+        f.write(records[0][:40])  # a line cut short: the process died writing it
+
+    played = []
+    with journal() as j:
+        again = run(on_step=lambda i, step, *_: step == 0 and played.append(seeds[i]), journal=j.part("oracle"))
+    assert capsys.readouterr().out == f"going on from the {len(records)} episodes kept in {kept_in}\n"
+    assert played == [s for s in seeds if s not in kept]
+    assert again == whole  # field by field: actions, thoughts, interactions, rewards, restarts
+    assert not kept_in.exists()  # the block ended: the stage has written its output
+
+    with pytest.raises(KeyboardInterrupt), journal() as j:
+        run(on_step=stop, journal=j.part("oracle"))
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "tc.pt", Agent(agent.cfg))  # other weights: their episodes are not these
+    with journal() as j:
+        assert j.kept == {}
+    assert capsys.readouterr().out == f"starting afresh: {kept_in} was kept for other inputs (--tc {tmp_path}/tc.pt changed)\n"

@@ -8,6 +8,7 @@ import yaml
 
 from tc.checkpoint import save_checkpoint
 from tc.evaluate import Interaction, Rollout, evaluate
+from tc.journal import Journal
 from tc.model import Agent, ModelConfig
 from tc.safety import declares, fads, parse_behaviour, parse_behaviours, run_precrime
 
@@ -90,6 +91,21 @@ def test_run_precrime_report():
     # With an intervention that never fires the run is the run without it (same sampling streams).
     assert report["behaviours"]["never"]["shown_with"] == report["behaviours"]["never"]["shown_without"]
     assert report["without"]["episodes"] == 2
+
+
+def test_run_precrime_keeps_its_runs_apart_in_a_journal(tmp_path):
+    every = parse_behaviour({"name": "always", "thought": ".", "event": "pickup|drop|toggle:any"}, "test")
+    agent, seeds = tiny_agent(), [1, 2, 3]
+    save_checkpoint(tmp_path / "tc.pt", agent)
+    journal = lambda: Journal(tmp_path / "safety.json", __file__, {"--tc": tmp_path / "tc.pt"})  # noqa: E731
+    report = run_precrime(agent, BOSS, seeds, [every], max_steps=20, progress=False)
+    with pytest.raises(KeyboardInterrupt), journal() as j:  # stopped once both runs are done: all is kept
+        run_precrime(agent, BOSS, seeds, [every], max_steps=20, progress=False, journal=j)
+        raise KeyboardInterrupt
+    with journal() as j:
+        assert {part: sorted(eps) for part, eps in j.kept.items()} == {"without": seeds, "with always": seeds}
+        assert all(e.halted for e in j.kept["with always"].values()) and not any(e.halted for e in j.kept["without"].values())
+        assert run_precrime(agent, BOSS, seeds, [every], max_steps=20, progress=False, journal=j) == report
 
 
 def _episode(thoughts, interactions):

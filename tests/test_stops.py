@@ -7,13 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from tc.checkpoint import load_checkpoint
+from tc.checkpoint import load_checkpoint, save_checkpoint
 from tc.demos import generate_demos
+from tc.model import Agent, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = "BabyAI-GoToLocal-v0"
@@ -26,16 +29,17 @@ def demos_dir(tmp_path_factory):
     return out
 
 
-def write_params(folder: Path, demos: dict | None = None, **train) -> None:
+def write_params(folder: Path, demos: dict | None = None, evaluate: dict | None = None, **train) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["demos"].update(level=LEVEL, **(demos or {}))
     params["model"].update(image_dim=16, memory_dim=32, instr_dim=16)
     params["train"].update(epochs=1000, episodes_per_epoch=8, batch_size=4, val_episodes=0, device="cpu",
                            checkpoint_interval=2, **train)  # fmt: skip
+    params["evaluate"].update(device="cpu", **(evaluate or {}))
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def start(folder: Path, script: str, *args: str) -> subprocess.Popen:
+def start(folder: Path, script: str, *args: str, stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
     """``stages/<script>`` in its own process group, with Ctrl-C's default action (a shell running the
     tests in the background would pass on SIGINT ignored)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
@@ -46,7 +50,7 @@ def start(folder: Path, script: str, *args: str) -> subprocess.Popen:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     return subprocess.Popen([sys.executable, str(ROOT / "stages" / script), "--params", "params.yaml", *args],
-                            cwd=folder, env=env, preexec_fn=session, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=folder, env=env, preexec_fn=session, stdout=stdout, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
 
 
@@ -70,14 +74,14 @@ def state(pid: int) -> str:
         return ""
 
 
-def stop_when(proc: subprocess.Popen, ready: Path, signum: int, group: bool, workers: bool,
+def stop_when(proc: subprocess.Popen, ready: Path | Callable[[], bool], signum: int, group: bool, workers: bool,
               timeout: float = 120) -> list[str]:  # fmt: skip
-    """Once ``ready`` exists, send ``signum`` to ``proc`` (``group``: to its whole process group); once
+    """Once ``ready`` exists (or, a function, says True), send ``signum`` to ``proc`` (``group``: to its whole process group); once
     it has ended, its stderr lines from the first that says "stopped by" (before: progress bars,
     warnings and MLflow's log), and then none of its processes (``workers``: more than one) is
     left. They are found by their working folder: torchrun's run in sessions of their own."""
     deadline = time.monotonic() + timeout
-    while not ready.exists():
+    while not (ready() if callable(ready) else ready.exists()):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, f"{ready} did not appear within {timeout} s"
         time.sleep(0.2)
@@ -127,3 +131,26 @@ def test_ctrl_c_stops_two_training_processes_in_two_lines(tmp_path, demos_dir):
     # The first process says where training resumes, the launcher that the processes stopped.
     assert len(lines) == 2 and "stopped by SIGINT; so were the 2 training processes" in lines, lines
     assert any(line.startswith("stopped by SIGINT; the same command resumes from models/bc/last.pt") for line in lines)
+
+
+def test_a_stopped_evaluation_goes_on_from_the_episodes_it_kept(tmp_path):
+    for agent in ("tc", "bc"):
+        torch.manual_seed(0)
+        save_checkpoint(tmp_path / f"{agent}.pt", Agent(ModelConfig(image_dim=16, memory_dim=32, instr_dim=16,
+                                                                    use_thoughts=agent == "tc")))  # fmt: skip
+    (tmp_path / "whole").mkdir()
+    for folder in (tmp_path, tmp_path / "whole"):
+        write_params(folder, evaluate={"episodes": 60, "max_steps": 16, "batch_size": 8})
+    args = ("--tc", str(tmp_path / "tc.pt"), "--bc", str(tmp_path / "bc.pt"), "--out", "eval.json")
+    kept_in = tmp_path / ".eval.json.episodes"
+    some_kept = lambda: kept_in.exists() and kept_in.read_text().count("\n") > 20  # noqa: E731
+    lines = stop_when(start(tmp_path, "evaluate.py", *args), some_kept, signal.SIGINT, group=True, workers=False)
+    kept = kept_in.read_text().count("\n") - 1  # the first line: the inputs
+    assert 20 <= kept < 240 and lines == [f"stopped by SIGINT; {kept} episodes are kept in {kept_in.name}; the same "
+                                          f"command goes on from them"]  # fmt: skip
+    again, whole = (start(folder, "evaluate.py", *args, stdout=subprocess.PIPE) for folder in (tmp_path, tmp_path / "whole"))
+    said = [proc.communicate(timeout=300) for proc in (again, whole)]
+    assert again.returncode == whole.returncode == 0, said
+    assert said[0][0].startswith(f"going on from the {kept} episodes kept in {kept_in.name}\n")
+    assert (tmp_path / "eval.json").read_text() == (tmp_path / "whole/eval.json").read_text()
+    assert not kept_in.exists()

@@ -1,0 +1,145 @@
+"""Episodes kept as an evaluation stage finishes them, so that a stopped stage goes on from them.
+
+At paper size the evaluation stages run for long (BossLevel's failing episodes last up to
+~2,900 steps; four modes; the OOD bins), and a Ctrl-C, a scheduler's preemption or a crash
+would otherwise throw all of it away. Each finished episode is appended as one JSON line to
+a hidden file beside the stage's output (``reports/metrics/.eval.json.episodes``), whose
+first line records the inputs: the code's digest, the checkpoints' SHA-256 and the settings
+that change results. Run again on the same inputs, the stage evaluates only the seeds it
+has not kept. An episode's result depends on its seed alone (tc.evaluate: one sampling
+stream per episode, rows that do not interact), so the report is the one an uninterrupted
+run writes (tests). On other inputs the file is dropped, with a line saying which input
+changed. It is removed once the output is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from tc.episodes import Interaction, Rollout
+from tc.io import write_text_atomic
+from tc.params import stops_deferred
+from tc.provenance import code_digest
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings(**values) -> dict:
+    """``{"name": value}``, a config's fields as ``"name.field"`` but for the ``speed`` ones (they change no
+    result), as JSON would hold them."""
+    flat = {}
+    for name, value in values.items():
+        if dataclasses.is_dataclass(value):
+            flat |= {f"{name}.{f.name}": getattr(value, f.name) for f in dataclasses.fields(value)
+                     if not f.metadata["speed"]}  # fmt: skip
+        else:
+            flat[name] = value
+    return json.loads(json.dumps(flat))
+
+
+class Journal:
+    """The kept episodes of the stage writing ``output``; a context manager around the stage's work.
+
+    ``files``: the input files the results depend on, by the flag that names them
+    (``{"--tc": "models/tc/best.pt"}``); ``values``: the params sections and values it reads
+    (:func:`settings`); ``script``: the stage's file (its code digest, tc.provenance). Leaving
+    the block normally removes the file (the output is written by then); a stop adds a
+    note saying what is kept (tc.params.user_errors prints it).
+    """
+
+    def __init__(self, output: str | Path, script: str | Path, files: dict[str, str | Path], **values):
+        output = Path(output)
+        self.path = output.parent / f".{output.name}.episodes"
+        self.inputs = {"code": code_digest(script), "files": {flag: {"path": str(p), "sha256": file_digest(p)}
+                                                               for flag, p in files.items()},
+                       "settings": settings(**values)}  # fmt: skip
+        self.kept: dict[str, dict[int, Rollout]] = {}  # part -> seed -> episode
+        self._file = None
+
+    def __enter__(self) -> Journal:
+        lines = self.path.read_text().split("\n") if self.path.is_file() else [""]
+        # A last line without its newline was cut short (the process died writing it): dropped.
+        try:
+            head = json.loads(lines[0]) if len(lines) > 1 else None
+            if not isinstance(head, dict | None):
+                raise ValueError("its first line is not a journal's inputs")
+            if head == self.inputs:
+                for line in lines[1:-1]:
+                    record = json.loads(line)
+                    part, record["interactions"] = record.pop("part"), [Interaction(**i) for i in record["interactions"]]
+                    self.kept.setdefault(part, {})[record["seed"]] = Rollout(**record)
+        except (ValueError, TypeError, KeyError) as err:
+            print(f"starting afresh: {self.path} could not be read ({err})")
+            head, self.kept = None, {}
+        if head is not None and head != self.inputs:
+            print(f"starting afresh: {self.path} was kept for other inputs ({changed(head, self.inputs)})")
+        elif self.kept:
+            print(f"going on from the {self.count()} episodes kept in {self.path}")
+        if head != self.inputs or lines[-1]:
+            self._rewrite()
+        self._file = open(self.path, "a")
+        return self
+
+    def _rewrite(self) -> None:
+        """The file anew: the header and the kept episodes (a cut last line or other inputs dropped)."""
+        lines = [json.dumps(self.inputs)] + [_line(p, e) for p, eps in self.kept.items() for e in eps.values()]
+        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+
+    def count(self) -> int:
+        return sum(len(episodes) for episodes in self.kept.values())
+
+    def part(self, name: str) -> Part:
+        """The episodes of one evaluation of the stage (a mode, a behaviour's intervention)."""
+        return Part(self, name)
+
+    def add(self, part: str, episode: Rollout) -> None:
+        with stops_deferred():  # a line is written whole or not at all
+            self._file.write(_line(part, episode) + "\n")
+            self._file.flush()
+        self.kept.setdefault(part, {})[episode.seed] = episode
+
+    def __exit__(self, kind, err, _tb) -> None:
+        self._file.close()
+        if kind is None:
+            self.path.unlink()
+        elif isinstance(err, KeyboardInterrupt):  # Ctrl-C or SIGTERM (tc.params.user_errors says the note)
+            err.add_note(f"{self.count()} episodes are kept in {self.path}; the same command goes on from them")
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One evaluation's share of a :class:`Journal`: what :func:`tc.evaluate.evaluate` keeps and reuses."""
+
+    journal: Journal
+    name: str
+
+    def kept(self) -> dict[int, Rollout]:
+        return self.journal.kept.get(self.name, {})
+
+    def add(self, episode: Rollout) -> None:
+        self.journal.add(self.name, episode)
+
+
+def _line(part: str, episode: Rollout) -> str:
+    record = dataclasses.asdict(episode)
+    del record["frames"]  # empty: tc.evaluate refuses to render into a journal
+    return json.dumps({"part": part, **record})
+
+
+def changed(old: dict, new: dict) -> str:
+    """Which inputs differ, in words."""
+    what = [f"{flag} {new['files'][flag]['path']}" for flag in new["files"]
+            if old.get("files", {}).get(flag) != new["files"][flag]]  # fmt: skip
+    what += [k for k, v in new["settings"].items() if old.get("settings", {}).get(k, object()) != v]
+    if old.get("code") != new["code"]:
+        what.append("the code")
+    return ", ".join(what) + " changed" if what else "another format"
