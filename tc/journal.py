@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -75,7 +76,9 @@ class Journal:
             if head == self.inputs:
                 for line in lines[1:-1]:
                     record = json.loads(line)
-                    part, record["interactions"] = record.pop("part"), [Interaction(**i) for i in record["interactions"]]
+                    record["interactions"] = [Interaction(**i) for i in record["interactions"]]
+                    record["thoughts"] = [t for t, n in record["thoughts"] for _ in range(n)]
+                    part = record.pop("part")
                     self.kept.setdefault(part, {})[record["seed"]] = Rollout(**record)
         except (ValueError, TypeError, KeyError) as err:
             print(f"starting afresh: {self.path} could not be read ({err})")
@@ -132,6 +135,9 @@ class Part:
 def _line(part: str, episode: Rollout) -> str:
     record = dataclasses.asdict(episode)
     del record["frames"]  # empty: tc.evaluate refuses to render into a journal
+    # A thought stays in force for many steps, and a failing BossLevel episode lasts up to ~2,900:
+    # runs of [thought, steps] keep such a line a few kB, not ~100.
+    record["thoughts"] = [[t, len(list(steps))] for t, steps in itertools.groupby(episode.thoughts)]
     return json.dumps({"part": part, **record})
 
 
