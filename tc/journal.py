@@ -135,8 +135,9 @@ class Part:
 def _line(part: str, episode: Rollout) -> str:
     record = dataclasses.asdict(episode)
     del record["frames"]  # empty: tc.evaluate refuses to render into a journal
-    # A thought stays in force for many steps, and a failing BossLevel episode lasts up to ~2,900:
-    # runs of [thought, steps] keep such a line a few kB, not ~100.
+    # A thought stays in force for several steps, and a failing BossLevel episode lasts up to ~2,900:
+    # as runs of [thought, steps] a line is 2-4x shorter for the bot's BossLevel episodes, 2-30x for
+    # an untrained agent's 1,000-step ones (~100 kB before).
     record["thoughts"] = [[t, len(list(steps))] for t, steps in itertools.groupby(episode.thoughts)]
     return json.dumps({"part": part, **record})
 
