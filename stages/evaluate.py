@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         check_output(args.out, "--out")
         seeds = list(range(c.evaluate.seed, c.evaluate.seed + c.evaluate.episodes))
         tc_agent, bc_agent = c.evaluate.load_agent(args.tc, "tc"), c.evaluate.load_agent(args.bc, "bc")
-        journal = Journal(args.out, __file__, {"--tc": args.tc, "--bc": args.bc}, evaluate=c.evaluate,
-                          level=c.demos.level)  # fmt: skip
+        device = next(tc_agent.parameters()).device
+        journal = Journal(args.out, __file__, {"--tc": args.tc, "--bc": args.bc},
+                          evaluate=c.evaluate.outcome_settings(device), level=c.demos.level)  # fmt: skip
         with tracking.start_run("evaluate", params, tags={"stage": "evaluate"}), journal:
             report, runs = {}, {}
             for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent), ("bot", None)):

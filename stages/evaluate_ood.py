@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> None:
 
         report = {axis: {b: {} for b in sets[axis]} for axis in AXES}
         journal = Journal(args.out, __file__, {"--levels": args.levels, "--tc": args.tc, "--bc": args.bc},
-                          evaluate=c.evaluate)  # fmt: skip
+                          evaluate=c.evaluate.outcome_settings(next(tc_agent.parameters()).device))  # fmt: skip
         with tracking.start_run("ood", params, tags={"stage": "evaluate_ood"}), journal:
             runs = {}
             for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent)):
-                runs[mode] = {e.seed: e for e in evaluate(agent, sets["env_id"], seeds, mode, journal=journal.part(mode),
-                                                          **c.evaluate.kwargs())}  # fmt: skip
+                episodes = evaluate(agent, sets["env_id"], seeds, mode, journal=journal.part(mode), **c.evaluate.kwargs())
+                runs[mode] = {e.seed: e for e in episodes}
                 for axis in AXES:
                     for b, bin_seeds in sets[axis].items():
                         cell = summary_with_fads([runs[mode][s] for s in bin_seeds])

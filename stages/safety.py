@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         agent = c.evaluate.load_agent(args.tc, "tc")
         seeds = list(range(c.safety.seed, c.safety.seed + c.safety.episodes))
 
-        journal = Journal(args.out, __file__, {"--tc": args.tc}, evaluate=c.evaluate, safety=c.safety,
-                          level=c.demos.level)  # fmt: skip
+        # The behaviours by name: a part "with <name>" is kept for the definition it had.
+        journal = Journal(args.out, __file__, {"--tc": args.tc}, level=c.demos.level, behaviours=c.safety.behaviours,
+                          evaluate=c.evaluate.outcome_settings(next(agent.parameters()).device))  # fmt: skip
         with tracking.start_run("safety", params, tags={"stage": "safety"}), journal:
             behaviours = c.safety.parsed_behaviours()
             res = run_precrime(agent, c.demos.level, seeds, behaviours, journal=journal, **c.evaluate.kwargs())

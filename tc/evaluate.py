@@ -136,8 +136,8 @@ def evaluate(
         agent.eval()
     if journal is not None and render:
         raise ValueError("a journal keeps no rendered frames: render needs journal=None")
-    kept = journal.kept() if journal is not None else {}
-    episodes: list[Rollout | None] = [kept.get(int(s)) for s in seeds]
+    reused = journal.kept() if journal is not None else {}
+    episodes: list[Rollout | None] = [reused.get(int(s)) for s in seeds]
     todo = [i for i, e in enumerate(episodes) if e is None]  # indices of the seeds to play
     if not todo:
         return episodes
@@ -367,6 +367,13 @@ class EvaluateConfig:
         cuda_graphs."""
         return {"batch_size": self.batch_size, "argmax": self.argmax, "sample_seed": self.seed,
                 "max_steps": self.max_steps, "workers": self.workers, "cuda_graphs": self.cuda_graphs}  # fmt: skip
+
+    def outcome_settings(self, device: torch.device) -> dict:
+        """What an episode's result depends on besides its seed, level and agent (tc.journal): the
+        sampling, the step limit and what changes float rounding (the device, its threads, compile,
+        CUDA graphs). Not the episode count, the batch size or the workers: they change no episode."""
+        return {"seed": self.seed, "argmax": self.argmax, "max_steps": self.max_steps, "device": device.type,
+                "threads": self.threads, "compile": self.compile, "cuda_graphs": self.cuda_graphs}  # fmt: skip
 
     def device_for_torch(self) -> torch.device:
         """The device of ``device``, with ``threads`` intra-op threads on the CPU (see tc.device)."""

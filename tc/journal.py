@@ -4,8 +4,8 @@ At paper size the evaluation stages run for long (BossLevel's failing episodes l
 ~2,900 steps; four modes; the OOD bins), and a Ctrl-C, a scheduler's preemption or a crash
 would otherwise throw all of it away. Each finished episode is appended as one JSON line to
 a hidden file beside the stage's output (``reports/metrics/.eval.json.episodes``), whose
-first line records the inputs: the code's digest, the checkpoints' SHA-256 and the settings
-that change results. Run again on the same inputs, the stage evaluates only the seeds it
+first line records the inputs: the code's digest, the input files' SHA-256 and the settings
+that change results, the device among them (float rounding). Run again on the same inputs, the stage evaluates only the seeds it
 has not kept. An episode's result depends on its seed alone (tc.evaluate: one sampling
 stream per episode, rows that do not interact), so the report is the one an uninterrupted
 run writes (tests). On other inputs the file is dropped, with a line saying which input
@@ -34,35 +34,23 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def settings(**values) -> dict:
-    """``{"name": value}``, a config's fields as ``"name.field"`` but for the ``speed`` ones (they change no
-    result), as JSON would hold them."""
-    flat = {}
-    for name, value in values.items():
-        if dataclasses.is_dataclass(value):
-            flat |= {f"{name}.{f.name}": getattr(value, f.name) for f in dataclasses.fields(value)
-                     if not f.metadata["speed"]}  # fmt: skip
-        else:
-            flat[name] = value
-    return json.loads(json.dumps(flat))
-
-
 class Journal:
     """The kept episodes of the stage writing ``output``; a context manager around the stage's work.
 
     ``files``: the input files the results depend on, by the flag that names them
-    (``{"--tc": "models/tc/best.pt"}``); ``values``: the params sections and values it reads
-    (:func:`settings`); ``script``: the stage's file (its code digest, tc.provenance). Leaving
-    the block normally removes the file (the output is written by then); a stop adds a
-    note saying what is kept (tc.params.user_errors prints it).
+    (``{"--tc": "models/tc/best.pt"}``; compared by content); ``settings``: the settings
+    they depend on (``{"level": ..., "evaluate": EvaluateConfig.outcome_settings(...)}``, as
+    JSON holds them); ``script``: the stage's file (its code digest, tc.provenance). Leaving
+    the block normally removes the file (the output is written by then); leaving it by an
+    exception adds a note saying what is kept (tc.params.user_errors prints a stop's).
     """
 
-    def __init__(self, output: str | Path, script: str | Path, files: dict[str, str | Path], **values):
+    def __init__(self, output: str | Path, script: str | Path, files: dict[str, str | Path], **settings):
         output = Path(output)
         self.path = output.parent / f".{output.name}.episodes"
-        self.inputs = {"code": code_digest(script), "files": {flag: {"path": str(p), "sha256": file_digest(p)}
-                                                               for flag, p in files.items()},
-                       "settings": settings(**values)}  # fmt: skip
+        self.paths = {flag: str(p) for flag, p in files.items()}  # for messages: a file is its content
+        self.inputs = {"code": code_digest(script), "files": {flag: file_digest(p) for flag, p in files.items()},
+                       "settings": json.loads(json.dumps(_flat(settings)))}  # fmt: skip
         self.kept: dict[str, dict[int, Rollout]] = {}  # part -> seed -> episode
         self._file = None
 
@@ -71,7 +59,8 @@ class Journal:
         # A last line without its newline was cut short (the process died writing it): dropped.
         try:
             head = json.loads(lines[0]) if len(lines) > 1 else None
-            if not isinstance(head, dict | None):
+            if head is not None and not (isinstance(head, dict) and head.keys() == self.inputs.keys()
+                                         and all(isinstance(head[k], dict) for k in ("files", "settings"))):  # fmt: skip
                 raise ValueError("its first line is not a journal's inputs")
             if head == self.inputs:
                 for line in lines[1:-1]:
@@ -84,7 +73,7 @@ class Journal:
             print(f"starting afresh: {self.path} could not be read ({err})")
             head, self.kept = None, {}
         if head is not None and head != self.inputs:
-            print(f"starting afresh: {self.path} was kept for other inputs ({changed(head, self.inputs)})")
+            print(f"starting afresh: {self.path} was kept for other inputs ({self.changed(head)})")
         elif self.kept:
             print(f"going on from the {self.count()} episodes kept in {self.path}")
         if head != self.inputs or lines[-1]:
@@ -97,6 +86,15 @@ class Journal:
         lines = [json.dumps(self.inputs)] + [_line(p, e) for p, eps in self.kept.items() for e in eps.values()]
         write_text_atomic(self.path, "".join(line + "\n" for line in lines))
 
+    def changed(self, old: dict) -> str:
+        """Which inputs differ from ``old`` (a journal's first line), in words."""
+        new = self.inputs
+        what = [f"{flag} {self.paths[flag]}" for flag in new["files"] if old["files"].get(flag) != new["files"][flag]]
+        what += [k for k, v in new["settings"].items() if old["settings"].get(k, object()) != v]
+        if old["code"] != new["code"]:
+            what.append("the code")
+        return ", ".join(what) + " changed" if what else "another format"
+
     def count(self) -> int:
         return sum(len(episodes) for episodes in self.kept.values())
 
@@ -105,16 +103,16 @@ class Journal:
         return Part(self, name)
 
     def add(self, part: str, episode: Rollout) -> None:
-        with stops_deferred():  # a line is written whole or not at all
+        with stops_deferred():  # the line whole or not at all, and counted once written (a stop's note)
             self._file.write(_line(part, episode) + "\n")
             self._file.flush()
-        self.kept.setdefault(part, {})[episode.seed] = episode
+            self.kept.setdefault(part, {})[episode.seed] = episode
 
     def __exit__(self, kind, err, _tb) -> None:
         self._file.close()
         if kind is None:
-            self.path.unlink()
-        elif isinstance(err, KeyboardInterrupt):  # Ctrl-C or SIGTERM (tc.params.user_errors says the note)
+            self.path.unlink(missing_ok=True)
+        elif self.count():  # a stop (tc.params.user_errors says the note) or a crash (its traceback does)
             err.add_note(f"{self.count()} episodes are kept in {self.path}; the same command goes on from them")
 
 
@@ -132,6 +130,17 @@ class Part:
         self.journal.add(self.name, episode)
 
 
+def _flat(settings: dict) -> dict:
+    """``{"evaluate": {"seed": 1}}`` as ``{"evaluate.seed": 1}``: a changed setting is then named alone."""
+    flat = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            flat |= {f"{name}.{k}": v for k, v in value.items()}
+        else:
+            flat[name] = value
+    return flat
+
+
 def _line(part: str, episode: Rollout) -> str:
     record = dataclasses.asdict(episode)
     del record["frames"]  # empty: tc.evaluate refuses to render into a journal
@@ -140,13 +149,3 @@ def _line(part: str, episode: Rollout) -> str:
     # an untrained agent's 1,000-step ones (~100 kB before).
     record["thoughts"] = [[t, len(list(steps))] for t, steps in itertools.groupby(episode.thoughts)]
     return json.dumps({"part": part, **record})
-
-
-def changed(old: dict, new: dict) -> str:
-    """Which inputs differ, in words."""
-    what = [f"{flag} {new['files'][flag]['path']}" for flag in new["files"]
-            if old.get("files", {}).get(flag) != new["files"][flag]]  # fmt: skip
-    what += [k for k, v in new["settings"].items() if old.get("settings", {}).get(k, object()) != v]
-    if old.get("code") != new["code"]:
-        what.append("the code")
-    return ", ".join(what) + " changed" if what else "another format"

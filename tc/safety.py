@@ -179,12 +179,12 @@ def run_precrime(
     (``success_*``) and halted by the intervention, each with its Wilson 95% interval
     (``_ci_low``/``_ci_high``), and ``*_change``: with minus without, a paired difference.
     """
-    kept = journal.part if journal is not None else lambda _name: None
-    base = evaluate(agent, env_id, seeds, mode, journal=kept("without"), **eval_kwargs)
+    part = journal.part if journal is not None else lambda _name: None
+    base = evaluate(agent, env_id, seeds, mode, journal=part("without"), **eval_kwargs)
     n = len(seeds)
     report = {"episodes": n, "without": summarize(base), "fads": fads(base), "behaviours": {}}
     for b in behaviours:
-        eps = evaluate(agent, env_id, seeds, mode, on_step=b.precrime(), journal=kept(f"with {b.name}"), **eval_kwargs)
+        eps = evaluate(agent, env_id, seeds, mode, on_step=b.precrime(), journal=part(f"with {b.name}"), **eval_kwargs)
         row = {"episodes": n}
         for what, outcome in (("shown", b.shown_in), ("success", lambda e: e.success)):
             without, with_ = [int(outcome(e)) for e in base], [int(outcome(e)) for e in eps]

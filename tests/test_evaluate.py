@@ -1,5 +1,7 @@
 """Batched evaluation, oracle thoughts, steering, watching, and the `tc` command, on real BabyAI episodes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -202,32 +204,43 @@ def test_a_stopped_evaluation_goes_on_from_the_episodes_it_kept(tmp_path, capsys
     save_checkpoint(tmp_path / "tc.pt", agent)
     kept_in = tmp_path / ".eval.json.episodes"
     journal = lambda: Journal(tmp_path / "eval.json", __file__, {"--tc": tmp_path / "tc.pt"}, level=BOSS)  # noqa: E731
-    run = lambda **kw: evaluate(agent, BOSS, seeds, "oracle", batch_size=3, max_steps=30, progress=False, **kw)  # noqa: E731
-    whole = run()
-    assert sum(e.bot_restarts for e in whole) > 0 and sum(e.length for e in whole) > 100
 
-    def stop(i, step, *_):  # Ctrl-C while the fourth episode is under way
-        if i == 3 and step == 5:
+    def run(some=seeds, **kw):
+        return evaluate(agent, BOSS, some, "oracle", batch_size=3, max_steps=30, progress=False, **kw)
+
+    def kept_seeds() -> list[int]:
+        return [json.loads(line)["seed"] for line in kept_in.read_text().splitlines()[1:]]
+
+    def stop(i, step, *_):  # Ctrl-C while the fifth episode is under way
+        if i == 4 and step == 5:
             raise KeyboardInterrupt
         return False
 
+    whole = run()
+    assert sum(e.bot_restarts for e in whole) > 0 and sum(e.length for e in whole) > 100
+    with pytest.raises(KeyboardInterrupt), journal() as j:  # seeds 41 and 44 kept: not the first of the list
+        run([41, 44], journal=j.part("oracle"))
+        raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt) as stopped, journal() as j:
         run(on_step=stop, journal=j.part("oracle"))
-    records = kept_in.read_text().splitlines()[1:]
-    assert 3 <= len(records) < len(seeds)
-    assert stopped.value.__notes__ == [f"{len(records)} episodes are kept in {kept_in}; the same command goes on "
-                                       f"from them"]  # fmt: skip
-    kept = {int(r.split('"seed": ')[1].split(",")[0]) for r in records}
+    kept = kept_seeds()
+    assert kept[:2] == [41, 44] and 3 <= len(kept) < len(seeds)
+    assert stopped.value.__notes__ == [f"{len(kept)} episodes are kept in {kept_in}; the same command goes on from them"]
     with kept_in.open("a") as f:
-        f.write(records[0][:40])  # a line cut short: the process died writing it
+        f.write(kept_in.read_text().splitlines()[1][:40])  # a line cut short: the process died writing it
 
     played = []
-    with journal() as j:
+    with pytest.raises(KeyboardInterrupt), journal() as j:  # stopped once done: the file must read back whole
         again = run(on_step=lambda i, step, *_: step == 0 and played.append(seeds[i]), journal=j.part("oracle"))
-    assert capsys.readouterr().out == f"going on from the {len(records)} episodes kept in {kept_in}\n"
+        raise KeyboardInterrupt
     assert played == [s for s in seeds if s not in kept]
     assert again == whole  # field by field: actions, thoughts, interactions, rewards, restarts
+    assert sorted(kept_seeds()) == sorted(seeds)
+    with journal() as j:
+        assert run(on_step=lambda *_: pytest.fail("a kept episode played again"), journal=j.part("oracle")) == whole
     assert not kept_in.exists()  # the block ended: the stage has written its output
+    assert capsys.readouterr().out.splitlines() == [f"going on from the {n} episodes kept in {kept_in}"
+                                                    for n in (2, len(kept), len(seeds))]  # fmt: skip
 
     with pytest.raises(KeyboardInterrupt), journal() as j:
         run(on_step=stop, journal=j.part("oracle"))

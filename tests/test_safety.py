@@ -99,12 +99,16 @@ def test_run_precrime_keeps_its_runs_apart_in_a_journal(tmp_path):
     save_checkpoint(tmp_path / "tc.pt", agent)
     journal = lambda: Journal(tmp_path / "safety.json", __file__, {"--tc": tmp_path / "tc.pt"})  # noqa: E731
     report = run_precrime(agent, BOSS, seeds, [every], max_steps=20, progress=False)
-    with pytest.raises(KeyboardInterrupt), journal() as j:  # stopped once both runs are done: all is kept
+    with pytest.raises(RuntimeError) as crash, journal() as j:  # failed once both runs are done: all is kept
         run_precrime(agent, BOSS, seeds, [every], max_steps=20, progress=False, journal=j)
-        raise KeyboardInterrupt
+        raise RuntimeError("a bug in writing the report")
+    kept_in = tmp_path / ".safety.json.episodes"
+    assert crash.value.__notes__ == [f"6 episodes are kept in {kept_in}; the same command goes on from them"]
     with journal() as j:
         assert {part: sorted(eps) for part, eps in j.kept.items()} == {"without": seeds, "with always": seeds}
-        assert all(e.halted for e in j.kept["with always"].values()) and not any(e.halted for e in j.kept["without"].values())
+        assert all(e.halted for e in j.kept["with always"].values())
+        assert not any(e.halted for e in j.kept["without"].values())
+        agent.act = lambda *_, **__: pytest.fail("a kept episode played again")
         assert run_precrime(agent, BOSS, seeds, [every], max_steps=20, progress=False, journal=j) == report
 
 
