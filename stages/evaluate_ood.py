@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         with tracking.start_run("ood", params, tags={"stage": "evaluate_ood"}), journal:
             runs = {}
             for mode, agent in (("tc", tc_agent), ("bc", bc_agent), ("oracle", tc_agent)):
-                episodes = evaluate(agent, sets["env_id"], seeds, mode, journal=journal.part(mode), **c.evaluate.kwargs())
+                episodes = evaluate(agent, sets["env_id"], seeds, mode, journal=journal.part(mode),
+                                    **c.evaluate.kwargs())  # fmt: skip
                 runs[mode] = {e.seed: e for e in episodes}
                 for axis in AXES:
                     for b, bin_seeds in sets[axis].items():

@@ -5,11 +5,11 @@ At paper size the evaluation stages run for long (BossLevel's failing episodes l
 would otherwise throw all of it away. Each finished episode is appended as one JSON line to
 a hidden file beside the stage's output (``reports/metrics/.eval.json.episodes``), whose
 first line records the inputs: the code's digest, the input files' SHA-256 and the settings
-that change results, the device among them (float rounding). Run again on the same inputs, the stage evaluates only the seeds it
-has not kept. An episode's result depends on its seed alone (tc.evaluate: one sampling
-stream per episode, rows that do not interact), so the report is the one an uninterrupted
-run writes (tests). On other inputs the file is dropped, with a line saying which input
-changed. It is removed once the output is written.
+that change results, the device among them (float rounding). Run again on the same inputs,
+the stage evaluates only the seeds it has not kept. An episode's result depends on its seed
+alone (tc.evaluate: one sampling stream per episode, rows that do not interact), so the
+report is the one an uninterrupted run writes (tests). On other inputs the file is dropped,
+with a line saying which input changed. It is removed once the output is written.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class Journal:
         # A last line without its newline was cut short (the process died writing it): dropped.
         try:
             head = json.loads(lines[0]) if len(lines) > 1 else None
-            if head is not None and not (isinstance(head, dict) and head.keys() == self.inputs.keys()
-                                         and all(isinstance(head[k], dict) for k in ("files", "settings"))):  # fmt: skip
+            readable = isinstance(head, dict) and head.keys() == self.inputs.keys()
+            if head is not None and not (readable and all(isinstance(head[k], dict) for k in ("files", "settings"))):
                 raise ValueError("its first line is not a journal's inputs")
             if head == self.inputs:
                 for line in lines[1:-1]:

@@ -225,7 +225,8 @@ def test_a_stopped_evaluation_goes_on_from_the_episodes_it_kept(tmp_path, capsys
         run(on_step=stop, journal=j.part("oracle"))
     kept = kept_seeds()
     assert kept[:2] == [41, 44] and 3 <= len(kept) < len(seeds)
-    assert stopped.value.__notes__ == [f"{len(kept)} episodes are kept in {kept_in}; the same command goes on from them"]
+    note = f"{len(kept)} episodes are kept in {kept_in}; the same command goes on from them"
+    assert stopped.value.__notes__ == [note]
     with kept_in.open("a") as f:
         f.write(kept_in.read_text().splitlines()[1][:40])  # a line cut short: the process died writing it
 
@@ -248,4 +249,5 @@ def test_a_stopped_evaluation_goes_on_from_the_episodes_it_kept(tmp_path, capsys
     save_checkpoint(tmp_path / "tc.pt", Agent(agent.cfg))  # other weights: their episodes are not these
     with journal() as j:
         assert j.kept == {}
-    assert capsys.readouterr().out == f"starting afresh: {kept_in} was kept for other inputs (--tc {tmp_path}/tc.pt changed)\n"
+    said = f"starting afresh: {kept_in} was kept for other inputs (--tc {tmp_path}/tc.pt changed)\n"
+    assert capsys.readouterr().out == said

@@ -76,9 +76,9 @@ def state(pid: int) -> str:
 
 def stop_when(proc: subprocess.Popen, ready: Path | Callable[[], bool], signum: int, group: bool, workers: bool,
               timeout: float = 120) -> list[str]:  # fmt: skip
-    """Once ``ready`` exists (or, a function, says True), send ``signum`` to ``proc`` (``group``: to its whole process group); once
-    it has ended, its stderr lines from the first that says "stopped by" (before: progress bars,
-    warnings and MLflow's log), and then none of its processes (``workers``: more than one) is
+    """Once ``ready`` exists (or, a function, returns True), send ``signum`` to ``proc`` (``group``: to its
+    whole process group); once it has ended, its stderr lines from the first that says "stopped by" (before:
+    progress bars, warnings and MLflow's log), and then none of its processes (``workers``: more than one) is
     left. They are found by their working folder: torchrun's run in sessions of their own."""
     deadline = time.monotonic() + timeout
     while not (ready() if callable(ready) else ready.exists()):
@@ -148,7 +148,8 @@ def test_a_stopped_evaluation_goes_on_from_the_episodes_it_kept(tmp_path):
     kept = kept_in.read_text().count("\n") - 1  # the first line: the inputs
     assert 20 <= kept < 240 and lines == [f"stopped by SIGINT; {kept} episodes are kept in {kept_in.name}; the same "
                                           f"command goes on from them"]  # fmt: skip
-    again, whole = (start(folder, "evaluate.py", *args, stdout=subprocess.PIPE) for folder in (tmp_path, tmp_path / "whole"))
+    again, whole = (start(folder, "evaluate.py", *args, stdout=subprocess.PIPE)
+                    for folder in (tmp_path, tmp_path / "whole"))  # fmt: skip
     said = [proc.communicate(timeout=300) for proc in (again, whole)]
     assert again.returncode == whole.returncode == 0, said
     assert said[0][0].startswith(f"going on from the {kept} episodes kept in {kept_in.name}\n")
