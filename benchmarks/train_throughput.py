@@ -64,7 +64,7 @@ PRECISIONS = ("fp32", "tf32", "amp")  # fp32; TensorFloat-32 matmuls (train.tf32
 
 def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, threads: int, demos_dir: str, updates: int,
              compile: str | None = None, warmup: int = 1, graphs: bool = False, teacher_forcing: bool = True,
-             sort_window: int = 16) -> dict:
+             sort_window: int = 16, layout: str = "episodes") -> dict:
     """Time ``updates`` training updates of our agent in this process; returns the measurement."""
     dev = torch.device(device)
     if threads > 0:
@@ -73,7 +73,8 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
     model_cfg = ModelConfig(**PAPER_MODEL, use_thoughts=agent_kind == "tc")
     demos = load_demos(demos_dir)
     cfg = TrainConfig(batch_size=batch_size, recurrence=80, device=device, amp=amp, tf32=precision == "tf32",
-                      episodes_per_epoch=demos.num_episodes, cuda_graphs=graphs, sort_window=sort_window)
+                      episodes_per_epoch=demos.num_episodes, cuda_graphs=graphs, sort_window=sort_window,
+                      layout=layout)  # fmt: skip
     use_tf32(cfg, dev)
     batches = epoch_batches(demos.offsets[1:] - demos.offsets[:-1], cfg, 0)
     torch.manual_seed(0)
@@ -103,7 +104,7 @@ def run_ours(agent_kind: str, device: str, batch_size: int, precision: str, thre
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     return {"impl": "ours", "agent": agent_kind, "batch": batch_size, "precision": precision, "threads": threads,
-            "teacher_forcing": teacher_forcing or agent_kind == "bc", "sort_window": sort_window,
+            "teacher_forcing": teacher_forcing or agent_kind == "bc", "sort_window": sort_window, "layout": layout,
             "compile": compile if compiled else None, "warmup_updates": warmup,
             "cuda_graphs": graphs and runner.problem is None, "cuda_graphs_problem": runner and runner.problem,
             "graphs_captured": len(runner.graphs) if runner else 0,
@@ -180,6 +181,8 @@ def main() -> None:
                     "thoughts) and/or off (free running, TC only: BC is measured once)")
     ap.add_argument("--sort-window", type=int, default=16, help="ours: batches per window grouped by episode length "
                     "(train.sort_window; 1: random batches, the paper's)")
+    ap.add_argument("--layout", default="episodes", choices=["episodes", "chunks"], help="ours: train.layout (chunks: "
+                    "a batch's chunks side by side after a pass without gradients; not with --cuda-graphs)")
     ap.add_argument("--out", help="default: benchmarks/results/train_throughput_<device>.json")
     ap.add_argument("--one", nargs=7, metavar=("AGENT", "BATCH", "PRECISION", "THREADS", "COMPILE", "GRAPHS", "TF"),
                     help=argparse.SUPPRESS)
@@ -191,7 +194,7 @@ def main() -> None:
         agent_kind, batch, precision, threads, mode, graphs, tf = args.one
         print(json.dumps(run_ours(agent_kind, args.device, int(batch), precision, int(threads), args.demos,
                                   args.updates, None if mode == "none" else mode, args.warmup, graphs == "1", tf == "on",
-                                  args.sort_window)))
+                                  args.sort_window, args.layout)))
         return
 
     batches = [int(b) for b in (args.batches or ("16" if args.device == "cpu" else "16,180")).split(",")]
@@ -208,6 +211,8 @@ def main() -> None:
         raise SystemExit(f"--sort-window {args.sort_window}: expected an integer >= 1")
     if args.cuda_graphs and args.device != "cuda":
         raise SystemExit("--cuda-graphs: CUDA graphs need --device cuda")
+    if args.cuda_graphs and args.layout == "chunks":
+        raise SystemExit("--cuda-graphs: the graphs record chunks in sequence; --layout chunks runs eagerly")
     public = Path(args.public).resolve() if args.public else None  # run_public runs it from its own folder
     if public is not None and not public.is_file():
         raise SystemExit(f"--public {public}: no such file (pass --public '' to measure ours alone)")
@@ -260,7 +265,7 @@ def main() -> None:
                     else:
                         cmd = [sys.executable, __file__, "--device", args.device, "--demos", demos_dir,
                                "--updates", str(args.updates), "--warmup", str(args.warmup),
-                               "--sort-window", str(args.sort_window),
+                               "--sort-window", str(args.sort_window), "--layout", args.layout,
                                "--one", agent_kind, str(batch), precision, threads, mode, graphs, tf]
                         out_text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                         results.append(json.loads(out_text.strip().splitlines()[-1]))

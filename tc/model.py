@@ -33,10 +33,11 @@ same ``forward`` with one step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -299,6 +300,21 @@ def commit_batchnorm(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, BatchNorm2d):
             m.commit()
+
+
+@contextlib.contextmanager
+def batchnorm_uncounted(module: nn.Module) -> Iterator[None]:
+    """Inside, BatchNorm normalises with each call's statistics as always, but what the calls add to
+    the update's statistics is taken back on the way out: for a pass that only carries the state
+    forward (tc.train's ``layout: chunks``), whose frames the pass with gradients counts."""
+    norms = [m for m in module.modules() if isinstance(m, BatchNorm2d)]
+    kept = [(m.update_sums.clone(), list(m.pending)) for m in norms]
+    try:
+        yield
+    finally:
+        for m, (sums, pending) in zip(norms, kept):
+            m.update_sums.copy_(sums)
+            m.pending = pending
 
 
 def fold_batchnorm(module: nn.Module) -> None:

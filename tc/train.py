@@ -2,7 +2,8 @@
 
 One update = one batch of whole episodes, cut into chunks of ``recurrence`` steps
 (truncated BPTT: the memories are detached between chunks, gradients of all chunks are
-accumulated, then one optimizer step, without clipping unless ``max_grad_norm``). Loss:
+accumulated, then one optimizer step, without clipping unless ``max_grad_norm``); the chunks
+run one after another or, ``layout: chunks``, side by side (:func:`run_chunks_side_by_side`). Loss:
 
     action NLL - entropy_coef * entropy + sg_coef * thought NLL (teacher-forced decoder)
 
@@ -47,7 +48,8 @@ from tc.checkpoint import check_config, load_checkpoint, save_checkpoint
 from tc.demos import Demos
 from tc.device import pick_device
 from tc.kernels import COMPILE_MODES, one_line, record
-from tc.model import Agent, AgentOutput, BatchNorm2d, ModelConfig, commit_batchnorm, compile_or_warn, count_parameters
+from tc.model import (Agent, AgentOutput, BatchNorm2d, ModelConfig, batchnorm_uncounted, commit_batchnorm,
+                      compile_or_warn, count_parameters)  # fmt: skip
 from tc.params import check_fields, dataclass_from_dict, param, stops_deferred, stops_ignored
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -64,6 +66,9 @@ class TrainConfig:
     batch_size: int = param(32, ge=1)  # episodes per update
     sort_window: int = param(16, ge=1)  # batches whose episodes are grouped by length (1: no grouping)
     recurrence: int = param(20, ge=1)  # truncated BPTT length (steps)
+    # How a batch's chunks run (run_batch): "episodes", one after another, each episode a row; "chunks",
+    # side by side after a pass without gradients that carries the state to each chunk's start.
+    layout: str = param("episodes", choices=("episodes", "chunks"))
     lr: float = param(5e-4, gt=0)
     adam_eps: float = param(1e-5, gt=0)
     warmup_epochs: float = param(1, ge=0)  # linear lr ramp over this many epochs (0: none)
@@ -99,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"train.nproc = {self.nproc}: more processes than the {smallest} episodes of an epoch's "
                              f"smallest batch (train.episodes_per_epoch {self.episodes_per_epoch}, train.batch_size "
                              f"{self.batch_size}); each process takes a share of every batch")
+        if self.layout == "chunks" and self.cuda_graphs:
+            raise ValueError("train.layout = 'chunks' runs eagerly: train.cuda_graphs needs train.layout 'episodes'")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -339,6 +346,8 @@ def run_batch(
     the upper level runs free (its own greedy thoughts fill its history and drive the lower
     level), as at test time. The thought loss is always that of the true thoughts.
     """
+    if cfg.layout == "chunks":
+        return run_chunks_side_by_side(agent, batch, cfg, true_thoughts, amp, scale)
     state = agent.initial_state(batch.sizes[0], batch.images.device)
     sums = dict.fromkeys(STAT_KEYS, 0.0)
     for sizes, rows in batch.chunks(cfg.recurrence):
@@ -351,6 +360,59 @@ def run_batch(
         sums = {k: sums[k] + v for k, v in zip(STAT_KEYS, values)}
         state = {k: v.detach() for k, v in out.state.items()}
     return sums
+
+
+def run_chunks_side_by_side(
+    agent: Agent,
+    batch: Batch,
+    cfg: TrainConfig,
+    true_thoughts: bool,
+    amp: bool,
+    scale: tuple[float, float] | None = None,
+) -> dict[str, float]:
+    """:func:`run_batch` with the batch's chunks side by side (``train.layout: chunks``).
+
+    A pass without gradients steps through the batch to get the state at the start of each
+    chunk (episode e's chunk k: its steps kR .. kR + R - 1); then every chunk of every
+    episode is a row of one pass of at most R steps with gradients, from that state. The
+    same chunks, states and losses as chunks in sequence, so in eval mode the same
+    gradients (tests); in training, BatchNorm's calls see all phases of the episodes at a
+    step (as the public code's layout does) and dropout draws differ. The point is the
+    number of steps: on a GPU bound by launching kernels, R forward + backward steps (plus
+    the cheaper pass without gradients) instead of one per step of the longest episode.
+    The pass without gradients adds nothing to BatchNorm's statistics: each frame counts once.
+    """
+    R, device = cfg.recurrence, batch.images.device
+    chunks = list(batch.chunks(R))
+    per_chunk = np.pad(batch.sizes, (0, len(chunks) * R - len(batch.sizes))).reshape(len(chunks), R)  # rows per step
+    states = [agent.initial_state(batch.sizes[0], device)]
+    with torch.no_grad(), batchnorm_uncounted(agent):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            mission = agent.encode_mission(batch.missions)
+            for sizes, rows in chunks[:-1]:
+                out = agent(batch.images[rows], sizes, mission, states[-1],
+                            thoughts=batch.thoughts[rows] if true_thoughts else None)  # fmt: skip
+                states.append(out.state)
+    # Row (k, j): episode j's chunk k, for the episodes under way at the chunk's start, longest rows first.
+    chunk_of = np.repeat(np.arange(len(chunks)), per_chunk[:, 0])
+    episode = np.concatenate([np.arange(n) for n in per_chunk[:, 0]])
+    lengths = (per_chunk[chunk_of] > episode[:, None]).sum(1)
+    order = np.argsort(-lengths, kind="stable")
+    chunk_of, episode, lengths = chunk_of[order], episode[order], lengths[order]
+    # Steps = min(R, steps of the batch), not the longest row: the ranks of a data-parallel batch
+    # step alike (their batches have the same number of steps, tc.train.make_batch).
+    t = np.arange(min(R, len(batch.sizes)))[:, None]
+    active = t < lengths[None, :]
+    first_row = np.pad(batch.starts[:-1], (0, len(chunks) * R - len(batch.sizes)))  # row of a step's first episode
+    index = torch.from_numpy((first_row[chunk_of * R + t] + episode)[active]).to(device)
+    state = {k: torch.cat([s[k][:n] for s, n in zip(states, per_chunk[:, 0])])[torch.from_numpy(order).to(device)]
+             for k in states[0]}  # fmt: skip
+    terms, _ = chunk_terms(agent, batch.images[index], active.sum(1).tolist(),
+                           batch.missions[torch.from_numpy(episode).to(device)], state, batch.actions[index],
+                           batch.thoughts[index], None, true_thoughts, amp)  # fmt: skip
+    if scale is not None:
+        objective(terms, cfg, scale).backward()
+    return dict(zip(STAT_KEYS, torch.stack([terms[k].detach().float() for k in STAT_KEYS]).tolist()))
 
 
 def chunk_terms(

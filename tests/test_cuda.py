@@ -20,12 +20,13 @@ def demos(goto_demos):
     return goto_demos
 
 
-def gradients(device: str, demos, true_thoughts: bool, amp: bool, compile: str | None = None) -> tuple[dict, dict]:
+def gradients(device: str, demos, true_thoughts: bool, amp: bool, compile: str | None = None,
+              layout: str = "episodes") -> tuple[dict, dict]:  # fmt: skip
     torch.manual_seed(0)
     agent = Agent(MODEL).to(device).train()
     if compile is not None:
         assert compile_or_warn(agent, compile, "train.compile")  # Triton must work on a CUDA machine
-    cfg = TrainConfig(batch_size=6, recurrence=5, device=device.split(":")[0], amp=amp)
+    cfg = TrainConfig(batch_size=6, recurrence=5, device=device.split(":")[0], amp=amp, layout=layout)
     batch = make_batch(demos, np.arange(6), torch.device(device))
     sums = run_batch(agent, batch, cfg, true_thoughts, amp, loss_scale(demos, cfg))
     return sums, {n: p.grad.detach().cpu() for n, p in agent.named_parameters() if p.grad is not None}
@@ -45,10 +46,11 @@ def strict_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
+@pytest.mark.parametrize("layout", ["episodes", "chunks"])
 @pytest.mark.parametrize("true_thoughts", [True, False], ids=["teacher_forced", "free_running"])
-def test_cuda_fp32_equals_cpu(demos, true_thoughts):
-    cpu_sums, cpu_grads = gradients("cpu", demos, true_thoughts, False)
-    gpu_sums, gpu_grads = gradients("cuda", demos, true_thoughts, False)
+def test_cuda_fp32_equals_cpu(demos, true_thoughts, layout):
+    cpu_sums, cpu_grads = gradients("cpu", demos, true_thoughts, False, layout=layout)
+    gpu_sums, gpu_grads = gradients("cuda", demos, true_thoughts, False, layout=layout)
     for k in cpu_sums:
         assert gpu_sums[k] == pytest.approx(cpu_sums[k], rel=1e-4, abs=1e-4), k
     assert cpu_grads.keys() == gpu_grads.keys()

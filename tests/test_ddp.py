@@ -38,19 +38,20 @@ WORLD = 2
 EXACT = dict(atol=1e-9, rtol=1e-9)
 
 
-def _worker(rank: int, tmp: str, demos_dir: str) -> None:
+def _worker(rank: int, tmp: str, demos_dir: str, layout: str) -> None:
     """One rank: a whole DDP run into ``ddp``, then the resumption of the 1-process run cut in ``cut``."""
+    cfg = replace(CFG, layout=layout)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     tmp = Path(tmp)
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'rendezvous'}", rank=rank, world_size=WORLD)
     try:
         demos = load_demos(demos_dir)
-        full = train(TINY, CFG, demos, demos, tmp / "ddp", progress=False)
+        full = train(TINY, cfg, demos, demos, tmp / "ddp", progress=False)
         save_checkpoint(tmp / f"ddp_rank{rank}.pt", full["agent"])
         if rank == 0:
             (tmp / "ddp_history.json").write_text(json.dumps(full["history"]))
-        resumed = train(TINY, CFG, demos, demos, tmp / "cut", progress=False)
+        resumed = train(TINY, cfg, demos, demos, tmp / "cut", progress=False)
         save_checkpoint(tmp / f"resumed_rank{rank}.pt", resumed["agent"])
     finally:
         dist.destroy_process_group()
@@ -79,8 +80,11 @@ def demos_dir(tmp_path_factory):
     return out
 
 
-def test_two_processes_make_the_one_process_updates(tmp_path, demos_dir):
+# "chunks": the ranks' rows side by side make, together, the one process's rows at each step.
+@pytest.mark.parametrize("layout", ["episodes", "chunks"])
+def test_two_processes_make_the_one_process_updates(tmp_path, demos_dir, layout):
     demos = load_demos(demos_dir)
+    cfg = replace(CFG, layout=layout)
     lengths = np.diff(demos.offsets)
     # The case that needs care happens: some batch's ranks need different numbers of chunks.
     chunks = [[math.ceil(lengths[b[r::WORLD]].max() / CFG.recurrence) for r in range(WORLD)]
@@ -90,15 +94,15 @@ def test_two_processes_make_the_one_process_updates(tmp_path, demos_dir):
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        single = train(TINY, CFG, demos, demos, tmp_path / "single", progress=False)
-        cut = train(TINY, CFG, demos, demos, tmp_path / "cut", stop_after_updates=2, progress=False)
+        single = train(TINY, cfg, demos, demos, tmp_path / "single", progress=False)
+        cut = train(TINY, cfg, demos, demos, tmp_path / "cut", stop_after_updates=2, progress=False)
     finally:
         torch.set_num_threads(threads)
         torch.set_default_dtype(dtype)
     assert not cut["finished"]
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["train_state"]["updates"] == 1
 
-    mp.spawn(_worker, args=(str(tmp_path), str(demos_dir)), nprocs=WORLD)
+    mp.spawn(_worker, args=(str(tmp_path), str(demos_dir), layout), nprocs=WORLD)
 
     # Same per-update losses and statistics (summed over the ranks), same validation on rank 0.
     ddp_history = json.loads((tmp_path / "ddp_history.json").read_text())

@@ -123,10 +123,11 @@ def load_demos_subset(demos, n):
                    seeds=demos.seeds[:n], **({"noise": demos.noise[:end]} if hasattr(demos, "noise") else {}))
 
 
-def test_resume_after_interruption_is_bit_identical(tmp_path, demos):
+@pytest.mark.parametrize("layout", ["episodes", "chunks"])
+def test_resume_after_interruption_is_bit_identical(tmp_path, demos, layout):
     # 2 batches per epoch x 3 epochs; last.pt every 3 updates and at epoch ends;
     # teacher forcing decays to 0, so generated thoughts are exercised too.
-    cfg = replace(FAST, epochs=3, checkpoint_interval=3)
+    cfg = replace(FAST, epochs=3, checkpoint_interval=3, layout=layout)
     full = train(TINY, cfg, demos, demos, tmp_path / "full", progress=False)
     # "Killed" after 4 updates: last.pt holds update 3 (middle of epoch 2), update 4 is lost.
     part = train(TINY, cfg, demos, demos, tmp_path / "cut", stop_after_updates=4, progress=False)
@@ -310,6 +311,56 @@ def test_batch_gradients_equal_the_loss_computed_here(demos):
     assert got.keys() == expected.keys()
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("agent_kind", ["tc teacher-forced", "tc free-running", "bc"])
+def test_chunks_side_by_side_give_the_losses_and_gradients_of_chunks_in_sequence(demos, agent_kind):
+    # In eval mode (no dropout, BatchNorm's running statistics) rows do not interact, so the
+    # layouts differ only in float rounding: the same chunks from the same states, the same losses.
+    from tc.model import Agent
+    from tc.train import loss_scale, run_batch
+
+    episodes = np.arange(demos.num_episodes)
+    batch = make_batch(demos, episodes, torch.device("cpu"))
+    lengths = np.diff(demos.offsets)
+    cfg = replace(FAST, recurrence=3, batch_size=len(episodes))
+    assert lengths.max() > 2 * cfg.recurrence and (lengths % cfg.recurrence != 0).any()  # 3+ chunks, short last ones
+    torch.manual_seed(0)
+    agent = Agent(replace(TINY, use_thoughts=agent_kind != "bc")).eval()
+    runs = []
+    for layout in ("episodes", "chunks"):
+        agent.zero_grad(set_to_none=True)
+        sums = run_batch(agent, batch, replace(cfg, layout=layout), agent_kind != "tc free-running", False,
+                         loss_scale(demos, cfg))  # fmt: skip
+        runs.append((sums, _grads(agent)))
+    (sums, grads), (side_sums, side_grads) = runs
+    assert sums["frames"] == side_sums["frames"] == batch.frames
+    assert side_sums == pytest.approx(sums, rel=1e-5)
+    assert grads.keys() == side_grads.keys()
+    for name in grads:  # the attention keys' biases have gradients of rounding alone (softmax ignores a shift)
+        atol = 1e-6 * max(g.abs().max().item() for g in grads.values())
+        torch.testing.assert_close(side_grads[name], grads[name], rtol=1e-4, atol=atol, msg=name)
+
+
+def test_chunks_side_by_side_count_each_frame_once_in_batchnorm(demos):
+    from tc.model import Agent, BatchNorm2d
+    from tc.train import loss_scale, run_batch
+
+    batch = make_batch(demos, np.arange(demos.num_episodes), torch.device("cpu"))
+    counts = []
+    for layout in ("episodes", "chunks"):
+        torch.manual_seed(0)
+        agent = Agent(TINY).train()
+        cfg = replace(FAST, recurrence=3, layout=layout)
+        sums = run_batch(agent, batch, cfg, True, False, loss_scale(demos, cfg))
+        assert all(np.isfinite(v) for v in sums.values())
+        norms = [m for m in agent.modules() if isinstance(m, BatchNorm2d)]
+        for m in norms:
+            m.fold()
+        counts.append([m.update_sums[-1].item() for m in norms])
+    assert counts[0] == counts[1] and counts[0][0] == batch.frames * 7 * 7  # each frame's 7x7 maps, once
+    with pytest.raises(ValueError, match="train.layout = 'chunks' runs eagerly: train.cuda_graphs needs"):
+        replace(FAST, layout="chunks", cuda_graphs=True)
 
 
 def test_without_teacher_forcing_the_agent_runs_on_its_own_thoughts(demos):
