@@ -13,13 +13,15 @@
 #      fp32, ours eager and with CUDA graphs, 80 s (not the public code: on the CPU its free-running update took
 #      3.4x its teacher-forced one, ~60 s at batch 180 here; the CPU has its ratio, 8.18x);
 #   4. evaluation throughput (environment workers, CUDA graphs, both), 70 s;
-#   5. the paper's random batches (sort_window 1, params-paper.yaml) vs part 2's grouped ones, TC at batch 180,
-#      fp32 eager, 50 s (3.2x the recurrent steps of grouped batches: their cost on a launch-bound GPU), then the
-#      same batches with their chunks side by side (train.layout chunks: ~80 steps with gradients after a pass
-#      without, instead of one per step of the longest episode), 50 s: how fast a faithful paper run can be;
-#   6. the CUDA tests of torch.compile (compiled steps, compiled steps inside the graphs), 90 s;
-#   7. if time is left: training throughput with compiled steps, with and without graphs, fp32, 90 s.
-# Not yet run: the limits are estimates (parts 6 and 7: on the CPU, tests/test_compile.py takes 88 s on the code of
+#   5. the CUDA tests of torch.compile (compiled steps, compiled steps inside the graphs), 90 s;
+#   6. training throughput with compiled steps, with and without graphs, fp32, 90 s;
+#   7. if time is left: the paper's random batches (sort_window 1, params-paper.yaml) vs part 2's grouped ones, TC
+#      at batch 180, fp32 eager, 50 s (3.2x the recurrent steps of grouped batches: their cost on a launch-bound GPU),
+#      then the same batches with their chunks side by side (train.layout chunks: ~80 steps with gradients after
+#      ~240 without, instead of ~265 with), 50 s: how fast a faithful paper run can be.
+# The limits add up to 730 s (plus the set-up), more than a command's 600 (the device tool): part 7 runs only as far
+# as the earlier parts end before their limits.
+# Not yet run: the limits are estimates (parts 5 and 6: on the CPU, tests/test_compile.py takes 88 s on the code of
 # stop 23; 83 s on stop 22's, 147 s and 77 s on earlier code). The benchmarks rewrite their JSON after every measurement,
 # so a part stopped by its limit keeps what it measured. Results land in $OUT.
 #
@@ -57,6 +59,14 @@ timeout 70 python3 benchmarks/eval_throughput.py --device cuda --params params-g
   --modes tc oracle --batch-sizes 64 --threads 1 --episodes 64 --max-steps 32 --repeats 2 --workers 8 --cuda-graphs \
   --out "$OUT/eval_throughput_cuda.json" 2>&1 | grep -v Warning | tail -12
 
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "compiled" 2>&1 | tail -20 \
+  | tee "$OUT/cuda_tests_compiled.txt"
+
+timeout 90 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
+  --demos /tmp/boss400 --precisions fp32 --compile default --cuda-graphs --public '' \
+  --out "$OUT/train_throughput_cuda_compiled.json" 2>&1 | tail -12
+pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
+
 timeout 50 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 1 \
   --demos /tmp/boss400 --precisions fp32 --compile none --sort-window 1 --public '' \
   --out "$OUT/train_throughput_cuda_random_batches.json" 2>&1 | tail -3
@@ -65,12 +75,4 @@ pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
 timeout 50 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 1 \
   --demos /tmp/boss400 --precisions fp32 --compile none --sort-window 1 --layout chunks --public '' \
   --out "$OUT/train_throughput_cuda_random_batches_chunks.json" 2>&1 | tail -3
-pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
-
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "compiled" 2>&1 | tail -20 \
-  | tee "$OUT/cuda_tests_compiled.txt"
-
-timeout 90 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
-  --demos /tmp/boss400 --precisions fp32 --compile default --cuda-graphs --public '' \
-  --out "$OUT/train_throughput_cuda_compiled.json" 2>&1 | tail -12
 pkill -f "benchmarks/train_throughput.py|bench_public.py" || true

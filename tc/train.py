@@ -346,7 +346,7 @@ def run_batch(
     the upper level runs free (its own greedy thoughts fill its history and drive the lower
     level), as at test time. The thought loss is always that of the true thoughts.
     """
-    if cfg.layout == "chunks":
+    if cfg.layout == "chunks" and scale is not None:  # without gradients (validation) side by side saves nothing
         return run_chunks_side_by_side(agent, batch, cfg, true_thoughts, amp, scale)
     state = agent.initial_state(batch.sizes[0], batch.images.device)
     sums = dict.fromkeys(STAT_KEYS, 0.0)
@@ -376,12 +376,16 @@ def run_chunks_side_by_side(
     chunk (episode e's chunk k: its steps kR .. kR + R - 1); then every chunk of every
     episode is a row of one pass of at most R steps with gradients, from that state. The
     same chunks, states and losses as chunks in sequence, so in eval mode the same
-    gradients (tests); in training, BatchNorm's calls see all phases of the episodes at a
-    step (as the public code's layout does) and dropout draws differ. The point is the
+    gradients (tests); in training, BatchNorm's calls in the pass with gradients see all
+    phases of the episodes at a step (as the public code's layout does) and dropout draws differ. The point is the
     number of steps: on a GPU bound by launching kernels, R forward + backward steps (plus
     the cheaper pass without gradients) instead of one per step of the longest episode.
     The pass without gradients adds nothing to BatchNorm's statistics: each frame counts once.
+    Its own BatchNorm calls see one time step of the episodes, as in sequence: the state a
+    chunk starts from is normalised as there. Not for padded batches (CUDA graphs).
     """
+    if batch.valid is not None:
+        raise ValueError("a padded batch (CUDA graphs) runs its chunks in sequence, not side by side")
     R, device = cfg.recurrence, batch.images.device
     chunks = list(batch.chunks(R))
     per_chunk = np.pad(batch.sizes, (0, len(chunks) * R - len(batch.sizes))).reshape(len(chunks), R)  # rows per step
@@ -705,10 +709,11 @@ def data_signature(demos: Demos) -> dict:
 
 def check_resume(path: Path, ts: dict, cfg: TrainConfig, demos: Demos) -> None:
     """A resume checkpoint must come from the same training config and data (device may differ)."""
-    saved = dict(ts["train_config"])
+    # A setting added since the checkpoint was made has its default there: what that code did.
+    saved = {f.name: f.default for f in fields(TrainConfig)} | dict(ts["train_config"])
     now = asdict(cfg)
     free = {f.name for f in fields(TrainConfig) if f.metadata["speed"]}  # they do not change what is learned
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items() if k not in free and saved.get(k) != v]
+    diff = [f"{k}: checkpoint {saved[k]!r} vs now {v!r}" for k, v in now.items() if k not in free and saved[k] != v]
     if ts["data"] != data_signature(demos):
         diff.append(f"training data: checkpoint {ts['data']} vs now {data_signature(demos)}")
     if diff:

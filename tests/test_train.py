@@ -147,6 +147,18 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, demos, layout):
         train(replace(TINY, memory_dim=64), cfg, demos, demos, tmp_path / "cut", progress=False)
 
 
+def test_a_last_pt_older_than_a_setting_resumes_with_its_default(tmp_path, demos):
+    from tc.train import check_resume
+
+    cfg = replace(FAST, checkpoint_interval=1)
+    train(TINY, cfg, demos, demos, tmp_path, stop_after_updates=2, progress=False)  # last.pt: update 1
+    ts = load_checkpoint(tmp_path / "last.pt")["train_state"]
+    del ts["train_config"]["layout"]  # written before train.layout existed: its code ran the default
+    check_resume(tmp_path / "last.pt", ts, cfg, demos)
+    with pytest.raises(ValueError, match="layout: checkpoint 'episodes' vs now 'chunks'"):
+        check_resume(tmp_path / "last.pt", ts, replace(cfg, layout="chunks"), demos)
+
+
 @pytest.mark.parametrize("where", ["computing gradients", "in the step", "validating", "saving fails"])
 def test_a_stop_saves_last_pt_and_the_resumed_run_is_bit_identical(tmp_path, demos, monkeypatch, where):
     """Ctrl-C or SIGTERM (KeyboardInterrupt, tc.params.user_errors) during training: last.pt is
@@ -314,17 +326,22 @@ def test_batch_gradients_equal_the_loss_computed_here(demos):
 
 
 @pytest.mark.parametrize("agent_kind", ["tc teacher-forced", "tc free-running", "bc"])
-def test_chunks_side_by_side_give_the_losses_and_gradients_of_chunks_in_sequence(demos, agent_kind):
+@pytest.mark.parametrize("recurrence, episodes, extra_steps", [(3, None, 0), (1, None, 0), (20, [4, 6], 3), (3, [3], 0)],
+                         ids=["3+ chunks", "one-step chunks", "one chunk and empty steps", "one episode"])
+def test_chunks_side_by_side_give_the_losses_and_gradients_of_chunks_in_sequence(demos, agent_kind, recurrence,
+                                                                                 episodes, extra_steps):  # fmt: skip
     # In eval mode (no dropout, BatchNorm's running statistics) rows do not interact, so the
     # layouts differ only in float rounding: the same chunks from the same states, the same losses.
+    # Empty steps at the end: what a data-parallel rank with shorter episodes gets (make_batch's steps).
     from tc.model import Agent
     from tc.train import loss_scale, run_batch
 
-    episodes = np.arange(demos.num_episodes)
-    batch = make_batch(demos, episodes, torch.device("cpu"))
-    lengths = np.diff(demos.offsets)
-    cfg = replace(FAST, recurrence=3, batch_size=len(episodes))
-    assert lengths.max() > 2 * cfg.recurrence and (lengths % cfg.recurrence != 0).any()  # 3+ chunks, short last ones
+    episodes = np.arange(demos.num_episodes) if episodes is None else np.array(episodes)
+    lengths = np.diff(demos.offsets)[episodes]
+    batch = make_batch(demos, episodes, torch.device("cpu"), steps=lengths.max() + extra_steps)
+    cfg = replace(FAST, recurrence=recurrence, batch_size=len(episodes))
+    if recurrence == 3 and len(episodes) > 1:
+        assert lengths.max() > 2 * recurrence and (lengths % recurrence != 0).any()  # 3+ chunks, short last ones
     torch.manual_seed(0)
     agent = Agent(replace(TINY, use_thoughts=agent_kind != "bc")).eval()
     runs = []
@@ -347,7 +364,7 @@ def test_chunks_side_by_side_count_each_frame_once_in_batchnorm(demos):
     from tc.train import loss_scale, run_batch
 
     batch = make_batch(demos, np.arange(demos.num_episodes), torch.device("cpu"))
-    counts = []
+    counts, stems = [], []
     for layout in ("episodes", "chunks"):
         torch.manual_seed(0)
         agent = Agent(TINY).train()
@@ -358,7 +375,10 @@ def test_chunks_side_by_side_count_each_frame_once_in_batchnorm(demos):
         for m in norms:
             m.fold()
         counts.append([m.update_sums[-1].item() for m in norms])
+        stems.append(dict(agent.named_modules())["perception.image_conv.1"].update_sums.clone())
     assert counts[0] == counts[1] and counts[0][0] == batch.frames * 7 * 7  # each frame's 7x7 maps, once
+    # The image stem's input does not depend on the recurrent state: the same frames, the same sums.
+    torch.testing.assert_close(stems[1], stems[0], rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="train.layout = 'chunks' runs eagerly: train.cuda_graphs needs"):
         replace(FAST, layout="chunks", cuda_graphs=True)
 
