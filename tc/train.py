@@ -362,15 +362,9 @@ def run_batch(
     return sums
 
 
-def run_chunks_side_by_side(
-    agent: Agent,
-    batch: Batch,
-    cfg: TrainConfig,
-    true_thoughts: bool,
-    amp: bool,
-    scale: tuple[float, float] | None = None,
-) -> dict[str, float]:
-    """:func:`run_batch` with the batch's chunks side by side (``train.layout: chunks``).
+def run_chunks_side_by_side(agent: Agent, batch: Batch, cfg: TrainConfig, true_thoughts: bool, amp: bool,
+                            scale: tuple[float, float]) -> dict[str, float]:  # fmt: skip
+    """:func:`run_batch` with the batch's chunks side by side (``train.layout: chunks``), in training.
 
     A pass without gradients steps through the batch to get the state at the start of each
     chunk (episode e's chunk k: its steps kR .. kR + R - 1); then every chunk of every
@@ -414,8 +408,7 @@ def run_chunks_side_by_side(
     terms, _ = chunk_terms(agent, batch.images[index], active.sum(1).tolist(),
                            batch.missions[torch.from_numpy(episode).to(device)], state, batch.actions[index],
                            batch.thoughts[index], None, true_thoughts, amp)  # fmt: skip
-    if scale is not None:
-        objective(terms, cfg, scale).backward()
+    objective(terms, cfg, scale).backward()
     return dict(zip(STAT_KEYS, torch.stack([terms[k].detach().float() for k in STAT_KEYS]).tolist()))
 
 
