@@ -3,7 +3,8 @@
     python stages/make_ood_levels.py --params params.yaml --out data/ood/levels.json
 
 Definitions in tc/ood.py. Bins that could not be filled within ood.max_candidates seeds
-are listed under "unfilled" in the JSON and printed here.
+are listed under "unfilled" in the JSON and printed here. Stopped, the stage keeps the seeds
+it has scanned beside --out (tc/journal.py) and the same command goes on from them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 
 from tc.demos import DemosConfig
 from tc.io import check_output, write_json_atomic
+from tc.journal import Journal
 from tc.ood import OodConfig, make_level_sets
 from tc.params import load_configs, user_errors
 
@@ -26,9 +28,10 @@ def main(argv: list[str] | None = None) -> None:
         _, c = load_configs(args.params, ood=OodConfig, demos=DemosConfig)
         check_output(args.out, "--out")
         o = c.ood
-        sets = make_level_sets(c.demos.level, o.seed, o.episodes_per_bin, o.max_candidates, o.behavioural_bins,
-                               o.cognitive_levels, workers=o.workers)  # fmt: skip
-        write_json_atomic(args.out, sets)
+        with Journal(args.out, __file__, {}, level=c.demos.level) as journal:  # a seed's measure: its level's
+            sets = make_level_sets(c.demos.level, o.seed, o.episodes_per_bin, o.max_candidates, o.behavioural_bins,
+                                   o.cognitive_levels, workers=o.workers, journal=journal)  # fmt: skip
+            write_json_atomic(args.out, sets)
     print(f"scanned {sets['candidates_scanned']} seeds; bot failures: {len(sets['bot_failures'])}")
     for axis, bins in sets["unfilled"].items():
         for b, n in bins.items():

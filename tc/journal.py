@@ -1,15 +1,16 @@
-"""Episodes kept as an evaluation stage finishes them, so that a stopped stage goes on from them.
+"""Results kept as a stage finishes them, so that a stopped stage goes on from them.
 
 At paper size the evaluation stages run for long (BossLevel's failing episodes last up to
-~2,900 steps; four modes; the OOD bins), and a Ctrl-C, a scheduler's preemption or a crash
-would otherwise throw all of it away. Each finished episode is appended as one JSON line to
-a hidden file beside the stage's output (``reports/metrics/.eval.json.episodes``), whose
-first line records the inputs: the code's digest, the input files' SHA-256 and the settings
-that change results, the device among them (float rounding). Run again on the same inputs,
-the stage evaluates only the seeds it has not kept. An episode's result depends on its seed
-alone (tc.evaluate: one sampling stream per episode, rows that do not interact), so the
-report is the one an uninterrupted run writes (tests). On other inputs the file is dropped,
-with a line saying which input changed. It is removed once the output is written.
+~2,900 steps; four modes; the OOD bins), and so does the OOD scan (up to 200,000 of the
+bot's episodes), and a Ctrl-C, a scheduler's preemption or a crash would otherwise throw
+all of it away. Each finished episode is appended as one JSON line to a hidden file beside
+the stage's output (``reports/metrics/.eval.json.episodes``), whose first line records the
+inputs: the code's digest, the input files' SHA-256 and the settings that change results,
+the device among them (float rounding). Run again on the same inputs, the stage plays only
+the seeds it has not kept. An episode's result depends on its seed alone (tc.evaluate: one
+sampling stream per episode, rows that do not interact; tc.ood: the bot on a fresh reset),
+so the output is the one an uninterrupted run writes (tests). On other inputs the file is
+dropped, with a line saying which input changed. It is removed once the output is written.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Journal:
         self.paths = {flag: str(p) for flag, p in files.items()}  # for messages: a file is its content
         self.inputs = {"code": code_digest(script), "files": {flag: file_digest(p) for flag, p in files.items()},
                        "settings": json.loads(json.dumps(_flat(settings)))}  # fmt: skip
-        self.kept: dict[str, dict[int, Rollout]] = {}  # part -> seed -> episode
+        self.kept: dict[str, dict[int, dict]] = {}  # part -> seed -> its record, as JSON holds it
         self._file = None
 
     def __enter__(self) -> Journal:
@@ -65,11 +66,8 @@ class Journal:
             if head == self.inputs:
                 for line in lines[1:-1]:
                     record = json.loads(line)
-                    record["interactions"] = [Interaction(**i) for i in record["interactions"]]
-                    record["thoughts"] = [t for t, n in record["thoughts"] for _ in range(n)]
-                    part = record.pop("part")
-                    self.kept.setdefault(part, {})[record["seed"]] = Rollout(**record)
-        except (ValueError, TypeError, KeyError) as err:
+                    self.kept.setdefault(record.pop("part"), {})[record["seed"]] = record
+        except (ValueError, TypeError, KeyError, AttributeError) as err:  # not a journal's lines
             print(f"starting afresh: {self.path} could not be read ({err})")
             head, self.kept = None, {}
         if head is not None and head != self.inputs:
@@ -83,7 +81,7 @@ class Journal:
 
     def _rewrite(self) -> None:
         """The file anew: the header and the kept episodes (a cut last line or other inputs dropped)."""
-        lines = [json.dumps(self.inputs)] + [_line(p, e) for p, eps in self.kept.items() for e in eps.values()]
+        lines = [json.dumps(self.inputs)] + [_line(p, r) for p, records in self.kept.items() for r in records.values()]
         write_text_atomic(self.path, "".join(line + "\n" for line in lines))
 
     def changed(self, old: dict) -> str:
@@ -102,11 +100,12 @@ class Journal:
         """The episodes of one evaluation of the stage (a mode, a behaviour's intervention)."""
         return Part(self, name)
 
-    def add(self, part: str, episode: Rollout) -> None:
+    def add(self, part: str, record: dict) -> None:
+        """Keep ``record`` (JSON-able, with its episode's ``"seed"``) under ``part``."""
         with stops_deferred():  # the line whole or not at all, and counted once written (a stop's note)
-            self._file.write(_line(part, episode) + "\n")
+            self._file.write(_line(part, record) + "\n")
             self._file.flush()
-            self.kept.setdefault(part, {})[episode.seed] = episode
+            self.kept.setdefault(part, {})[record["seed"]] = record
 
     def __exit__(self, kind, err, _tb) -> None:
         self._file.close()
@@ -124,10 +123,22 @@ class Part:
     name: str
 
     def kept(self) -> dict[int, Rollout]:
-        return self.journal.kept.get(self.name, {})
+        return {seed: _rollout(record) for seed, record in self.journal.kept.get(self.name, {}).items()}
 
     def add(self, episode: Rollout) -> None:
-        self.journal.add(self.name, episode)
+        record = dataclasses.asdict(episode)
+        del record["frames"]  # empty: tc.evaluate refuses to render into a journal
+        # A thought stays in force for several steps, and a failing BossLevel episode lasts up to ~2,900:
+        # as runs of [thought, steps] a line is 2-4x shorter for the bot's BossLevel episodes, 2-30x for
+        # an untrained agent's 1,000-step ones (~100 kB before).
+        record["thoughts"] = [[t, len(list(steps))] for t, steps in itertools.groupby(episode.thoughts)]
+        self.journal.add(self.name, record)
+
+
+def _rollout(record: dict) -> Rollout:
+    interactions = [Interaction(**i) for i in record["interactions"]]
+    thoughts = [t for t, n in record["thoughts"] for _ in range(n)]
+    return Rollout(**record | {"interactions": interactions, "thoughts": thoughts})
 
 
 def _flat(settings: dict) -> dict:
@@ -141,11 +152,5 @@ def _flat(settings: dict) -> dict:
     return flat
 
 
-def _line(part: str, episode: Rollout) -> str:
-    record = dataclasses.asdict(episode)
-    del record["frames"]  # empty: tc.evaluate refuses to render into a journal
-    # A thought stays in force for several steps, and a failing BossLevel episode lasts up to ~2,900:
-    # as runs of [thought, steps] a line is 2-4x shorter for the bot's BossLevel episodes, 2-30x for
-    # an untrained agent's 1,000-step ones (~100 kB before).
-    record["thoughts"] = [[t, len(list(steps))] for t, steps in itertools.groupby(episode.thoughts)]
+def _line(part: str, record: dict) -> str:
     return json.dumps({"part": part, **record})

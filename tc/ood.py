@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from tc.envs import check_env_id, make_env, reset_quiet
 from tc.fastbot import FastBot
+from tc.journal import Journal
 from tc.params import FileFormatError, check_fields, param, quiet_worker
 
 AXES = ("behavioural", "cognitive")
@@ -129,10 +130,14 @@ def make_level_sets(
     levels: list[int],
     workers: int = 1,
     progress: bool = True,
+    journal: Journal | None = None,
 ) -> dict:
     """Scan seeds upward from ``first_seed`` and fill both axes' bins (see module doc).
 
     Results are consumed in seed order, so the level sets do not depend on ``workers``.
+    ``journal``: the seeds it keeps measured (part "scan") are not measured again, and every
+    seed measured is added to it (tc.journal: a stopped stage goes on). A seed's measurement
+    does not depend on the bins, so a journal serves other bins too.
     """
     check_env_id(env_id)
     check_bins(bins, levels)
@@ -144,12 +149,25 @@ def make_level_sets(
     measured: dict[str, dict] = {}  # seed -> its difficulties, for the selected seeds
     bot_failures: list[int] = []
     scanned = 0
-    jobs = ((env_id, first_seed + i) for i in range(max_candidates))
-    pool = mp.get_context("spawn").Pool(workers, quiet_worker) if workers > 1 else None
-    results = pool.imap(_measure, jobs, chunksize=8) if pool else map(_measure, jobs)
+    candidates = range(first_seed, first_seed + max_candidates)
+    kept = journal.kept.get("scan", {}) if journal is not None else {}
+    jobs = ((env_id, seed) for seed in candidates if seed not in kept)
+    pool = mp.get_context("fork").Pool(workers, quiet_worker) if workers > 1 else None  # as tc.demos
+    measuring = pool.imap(_measure, jobs, chunksize=8) if pool else map(_measure, jobs)
+
+    def results():
+        for seed in candidates:
+            if seed in kept:
+                yield seed, kept[seed]["cognitive_difficulty"], kept[seed]["bot_length"]
+                continue
+            seed, difficulty, length = next(measuring)
+            if journal is not None:
+                journal.add("scan", {"seed": seed, "cognitive_difficulty": difficulty, "bot_length": length})
+            yield seed, difficulty, length
+
     bar = tqdm(total=len(bins) + len(levels), desc="ood bins filled", disable=not progress)
     try:
-        for seed, difficulty, length in results:
+        for seed, difficulty, length in results():
             scanned += 1
             cog = sets["cognitive"][str(cognitive_level(difficulty, levels))]
             picked = False
@@ -174,6 +192,7 @@ def make_level_sets(
         bar.close()
         if pool:
             pool.terminate()
+            pool.join()
     unfilled = {
         axis: {k: len(s) for k, s in sets[axis].items() if len(s) < episodes_per_bin} for axis in AXES
     }

@@ -12,7 +12,9 @@ from minigrid.envs.babyai.core.verifier import (
     PutNextInstr,
 )
 
+import tc.ood
 from tc.envs import make_env, reset_quiet
+from tc.journal import Journal
 from tc.ood import (
     behavioural_bin,
     bot_solution_length,
@@ -84,6 +86,44 @@ def test_level_sets_stop_early_and_do_not_depend_on_workers():
     two = make_level_sets("BabyAI-BossLevel-v0", 300, 2, 200, workers=2, **kwargs)
     assert one == two
     assert one["candidates_scanned"] < 200 and not any(one["unfilled"].values())
+
+
+def test_a_stopped_scan_goes_on_from_the_seeds_it_kept(tmp_path, monkeypatch, capsys):
+    level, first, n = "BabyAI-BossLevel-v0", 300, 60
+    kwargs = dict(bins=[25, 75, 125, 175, 225, 275], levels=[1, 2, 3], progress=False)  # 275: >= 250 steps, rare
+    whole = make_level_sets(level, first, 3, n, **kwargs)
+    assert whole["candidates_scanned"] == n
+    kept_in = tmp_path / ".levels.json.episodes"
+    journal = lambda: Journal(tmp_path / "levels.json", __file__, {}, level=level)  # noqa: E731
+    measured, stop_after, measure = [], [15], tc.ood._measure
+
+    def measure_until_stopped(job):
+        if len(measured) == stop_after[0]:
+            raise KeyboardInterrupt
+        measured.append(job[1])
+        return measure(job)
+
+    monkeypatch.setattr(tc.ood, "_measure", measure_until_stopped)
+    with pytest.raises(KeyboardInterrupt) as stopped, journal() as j:
+        make_level_sets(level, first, 3, n, journal=j, **kwargs)
+    assert stopped.value.__notes__ == [f"15 episodes are kept in {kept_in}; the same command goes on from them"]
+    measured.clear()
+    stop_after[0] = n
+    with journal() as j:
+        assert make_level_sets(level, first, 3, n, journal=j, **kwargs) == whole
+    assert measured == list(range(first + 15, first + n))  # exactly the seeds not kept, in order
+    assert not kept_in.exists() and capsys.readouterr().out == f"going on from the 15 episodes kept in {kept_in}\n"
+
+    # Kept measurements serve other bins (a seed's measure does not depend on them), with workers too.
+    measured.clear()
+    stop_after[0] = 40
+    with pytest.raises(KeyboardInterrupt), journal() as j:
+        make_level_sets(level, first, 3, n, journal=j, **kwargs)
+    monkeypatch.undo()  # the workers measure with the real function
+    other = dict(bins=[25, 75, 125], levels=[1, 2, 3], progress=False)
+    with journal() as j:
+        resumed = make_level_sets(level, first, 3, n, workers=2, journal=j, **other)
+    assert resumed == make_level_sets(level, first, 3, n, **other) and resumed["candidates_scanned"] < 40
 
 
 def test_missing_level_file_is_explained(tmp_path):

@@ -106,8 +106,8 @@ def test_run_precrime_keeps_its_runs_apart_in_a_journal(tmp_path):
     assert crash.value.__notes__ == [f"6 episodes are kept in {kept_in}; the same command goes on from them"]
     with journal() as j:
         assert {part: sorted(eps) for part, eps in j.kept.items()} == {"without": seeds, "with always": seeds}
-        assert all(e.halted for e in j.kept["with always"].values())
-        assert not any(e.halted for e in j.kept["without"].values())
+        assert all(e.halted for e in j.part("with always").kept().values())
+        assert not any(e.halted for e in j.part("without").kept().values())
         agent.act = lambda *_, **__: pytest.fail("a kept episode played again")
         assert run_precrime(agent, BOSS, seeds, [every], max_steps=20, progress=False, journal=j) == report
 

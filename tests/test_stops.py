@@ -155,3 +155,27 @@ def test_a_stopped_evaluation_goes_on_from_the_episodes_it_kept(tmp_path):
     assert said[0][0].startswith(f"going on from the {kept} episodes kept in {kept_in.name}\n")
     assert (tmp_path / "eval.json").read_text() == (tmp_path / "whole/eval.json").read_text()
     assert not kept_in.exists()
+
+
+def test_a_stopped_ood_scan_goes_on_from_the_seeds_it_kept(tmp_path):
+    (tmp_path / "whole").mkdir()
+    for folder in (tmp_path, tmp_path / "whole"):
+        write_params(folder)
+        params = yaml.safe_load((folder / "params.yaml").read_text())
+        params["demos"]["level"] = "BabyAI-BossLevel-v0"  # ~30 ms a seed: time to stop it; cognitive level 9 unfilled
+        params["ood"].update(max_candidates=300, workers=2)
+        (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    kept_in = tmp_path / ".levels.json.episodes"
+    some_kept = lambda: kept_in.exists() and kept_in.read_text().count("\n") > 30  # noqa: E731
+    proc = start(tmp_path, "make_ood_levels.py", "--out", "levels.json")
+    lines = stop_when(proc, some_kept, signal.SIGTERM, group=False, workers=True)
+    kept = kept_in.read_text().count("\n") - 1  # the first line: the inputs
+    assert 30 <= kept < 300 and lines == [f"stopped by SIGTERM; {kept} episodes are kept in {kept_in.name}; the "
+                                          f"same command goes on from them"]  # fmt: skip
+    again, whole = (start(folder, "make_ood_levels.py", "--out", "levels.json", stdout=subprocess.PIPE)
+                    for folder in (tmp_path, tmp_path / "whole"))  # fmt: skip
+    said = [proc.communicate(timeout=300) for proc in (again, whole)]
+    assert again.returncode == whole.returncode == 0, said
+    assert said[0][0].startswith(f"going on from the {kept} episodes kept in {kept_in.name}\n")
+    assert (tmp_path / "levels.json").read_text() == (tmp_path / "whole/levels.json").read_text()
+    assert not kept_in.exists() and "scanned 300 seeds" in said[0][0]
