@@ -14,7 +14,7 @@ import argparse
 from tc.demos import DemosConfig
 from tc.io import check_output, write_json_atomic
 from tc.journal import Journal
-from tc.ood import OodConfig, make_level_sets
+from tc.ood import OodConfig, kept_measure, make_level_sets
 from tc.params import load_configs, user_errors
 
 
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         _, c = load_configs(args.params, ood=OodConfig, demos=DemosConfig)
         check_output(args.out, "--out")
         o = c.ood
-        with Journal(args.out, __file__, {}, level=c.demos.level) as journal:  # a seed's measure: its level's
+        # A seed's measure depends on its level alone; kept seeds of another first seed would be of no use.
+        with Journal(args.out, __file__, {}, kept_measure, level=c.demos.level, ood={"seed": o.seed}) as journal:
             sets = make_level_sets(c.demos.level, o.seed, o.episodes_per_bin, o.max_candidates, o.behavioural_bins,
                                    o.cognitive_levels, workers=o.workers, journal=journal)  # fmt: skip
             write_json_atomic(args.out, sets)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing as mp
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ import tc
 from tc import fastobs, vocab
 from tc.envs import ACTION_NAMES, check_env_id, make_env, reset_quiet
 from tc.io import atomic_path, write_json_atomic
-from tc.params import UserError, check_fields, param, quiet_worker
+from tc.params import UserError, check_fields, ordered_map, param
 from tc.thoughts import BOTS, THOUGHTS_VERSION, make_bot, random_thought
 
 FORMAT_VERSION = 1
@@ -288,25 +287,20 @@ def generate_demos(
     # All episodes of all pending shards flow through one pool, in seed order, so no worker
     # waits for a shard's slowest episode; a shard is written once its last episode is in.
     tasks = ((level, seed, noise_rate, bot) for lo, hi in bounds.values() for seed in range(lo, hi))
-    # fork: workers need no re-import of the caller's __main__ and never touch torch.
-    pool = mp.get_context("fork").Pool(workers, quiet_worker) if workers > 1 else None
     try:
-        results = pool.imap(_episode_or_failure, tasks, chunksize=4) if pool else map(_episode_or_failure, tasks)
-        for k, (lo, hi) in bounds.items():
-            shard = []
-            for _ in range(hi - lo):
-                shard.append(next(results))
-                bar.update(1)
-            _write_npz(shard_path(out_dir, k), _shard_arrays(shard))
+        with ordered_map(_episode_or_failure, tasks, workers, chunksize=4) as results:
+            for k, (lo, hi) in bounds.items():
+                shard = []
+                for _ in range(hi - lo):
+                    shard.append(next(results))
+                    bar.update(1)
+                _write_npz(shard_path(out_dir, k), _shard_arrays(shard))
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what is kept (tc.params.user_errors says it)
         done = sum(shard_path(out_dir, k).exists() for k in mine)
         err.add_note(f"{done} of the {len(mine)} shards of {out_dir} are written; the same command makes the rest")
         raise
     finally:
         bar.close()
-        if pool:
-            pool.terminate()  # after an error, do not finish the queued episodes first
-            pool.join()
     if shards is not None and len(mine) < num_shards:
         return None
     return write_manifest(out_dir, config)

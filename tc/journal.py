@@ -5,12 +5,13 @@ At paper size the evaluation stages run for long (BossLevel's failing episodes l
 bot's episodes), and a Ctrl-C, a scheduler's preemption or a crash would otherwise throw
 all of it away. Each finished episode is appended as one JSON line to a hidden file beside
 the stage's output (``reports/metrics/.eval.json.episodes``), whose first line records the
-inputs: the code's digest, the input files' SHA-256 and the settings that change results,
-the device among them (float rounding). Run again on the same inputs, the stage plays only
-the seeds it has not kept. An episode's result depends on its seed alone (tc.evaluate: one
-sampling stream per episode, rows that do not interact; tc.ood: the bot on a fresh reset),
-so the output is the one an uninterrupted run writes (tests). On other inputs the file is
-dropped, with a line saying which input changed. It is removed once the output is written.
+inputs: the code's digest, the input files' SHA-256, the settings that change results, the
+device among them (float rounding), and the versions of minigrid, gymnasium, numpy and
+torch loaded. Run again on the same inputs, the stage plays only the seeds it has not kept.
+An episode's result depends on its seed alone (tc.evaluate: one sampling stream per
+episode, rows that do not interact; tc.ood: the bot on a fresh reset), so the output is
+the one an uninterrupted run writes (tests). On other inputs the file is dropped, with a
+line saying which input changed. It is removed once the output is written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tc.episodes import Interaction, Rollout
@@ -35,24 +38,34 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+LIBRARIES = ("minigrid", "gymnasium", "numpy", "torch")
+
+
 class Journal:
     """The kept episodes of the stage writing ``output``; a context manager around the stage's work.
 
     ``files``: the input files the results depend on, by the flag that names them
     (``{"--tc": "models/tc/best.pt"}``; compared by content); ``settings``: the settings
     they depend on (``{"level": ..., "evaluate": EvaluateConfig.outcome_settings(...)}``, as
-    JSON holds them); ``script``: the stage's file (its code digest, tc.provenance). Leaving
-    the block normally removes the file (the output is written by then); leaving it by an
-    exception adds a note saying what is kept (tc.params.user_errors prints a stop's).
+    JSON holds them), to which the versions of the libraries loaded that an episode depends
+    on are added; ``script``: the stage's file (its code digest, tc.provenance). ``decode``
+    turns a kept record into what :meth:`add` was given with it (an evaluation's Rollout: the
+    default), raising on a record it cannot read. Leaving the block normally removes the file
+    (the output is written by then); leaving it by an exception adds a note saying what is
+    kept (tc.params.user_errors prints a stop's).
     """
 
-    def __init__(self, output: str | Path, script: str | Path, files: dict[str, str | Path], **settings):
+    def __init__(self, output: str | Path, script: str | Path, files: dict[str, str | Path],
+                 decode: Callable[[dict], object] | None = None, **settings):  # fmt: skip
         output = Path(output)
         self.path = output.parent / f".{output.name}.episodes"
         self.paths = {flag: str(p) for flag, p in files.items()}  # for messages: a file is its content
+        # The levels' dynamics, their seeding, the sampling streams and float kernels come from these.
+        versions = {name: sys.modules[name].__version__ for name in LIBRARIES if name in sys.modules}
         self.inputs = {"code": code_digest(script), "files": {flag: file_digest(p) for flag, p in files.items()},
-                       "settings": json.loads(json.dumps(_flat(settings)))}  # fmt: skip
-        self.kept: dict[str, dict[int, dict]] = {}  # part -> seed -> its record, as JSON holds it
+                       "settings": json.loads(json.dumps(_flat(settings | {"versions": versions})))}  # fmt: skip
+        self.decode = decode or _rollout
+        self.kept: dict[str, dict[int, object]] = {}  # part -> seed -> what was kept (decoded)
         self._file = None
 
     def __enter__(self) -> Journal:
@@ -66,7 +79,8 @@ class Journal:
             if head == self.inputs:
                 for line in lines[1:-1]:
                     record = json.loads(line)
-                    self.kept.setdefault(record.pop("part"), {})[record["seed"]] = record
+                    part = record.pop("part")
+                    self.kept.setdefault(part, {})[record["seed"]] = self.decode(record)
         except (ValueError, TypeError, KeyError, AttributeError) as err:  # not a journal's lines
             print(f"starting afresh: {self.path} could not be read ({err})")
             head, self.kept = None, {}
@@ -74,15 +88,11 @@ class Journal:
             print(f"starting afresh: {self.path} was kept for other inputs ({self.changed(head)})")
         elif self.kept:
             print(f"going on from the {self.count()} episodes kept in {self.path}")
-        if head != self.inputs or lines[-1]:
-            self._rewrite()
+        if head != self.inputs or lines[-1]:  # the file anew: a cut last line or other inputs dropped
+            kept = lines[1:-1] if head == self.inputs else []
+            write_text_atomic(self.path, "".join(line + "\n" for line in [json.dumps(self.inputs), *kept]))
         self._file = open(self.path, "a")
         return self
-
-    def _rewrite(self) -> None:
-        """The file anew: the header and the kept episodes (a cut last line or other inputs dropped)."""
-        lines = [json.dumps(self.inputs)] + [_line(p, r) for p, records in self.kept.items() for r in records.values()]
-        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
 
     def changed(self, old: dict) -> str:
         """Which inputs differ from ``old`` (a journal's first line), in words."""
@@ -100,12 +110,12 @@ class Journal:
         """The episodes of one evaluation of the stage (a mode, a behaviour's intervention)."""
         return Part(self, name)
 
-    def add(self, part: str, record: dict) -> None:
-        """Keep ``record`` (JSON-able, with its episode's ``"seed"``) under ``part``."""
+    def add(self, part: str, record: dict, value: object) -> None:
+        """Keep ``record`` (JSON-able, with its episode's ``"seed"``; ``decode`` gives ``value``) under ``part``."""
         with stops_deferred():  # the line whole or not at all, and counted once written (a stop's note)
-            self._file.write(_line(part, record) + "\n")
+            self._file.write(json.dumps({"part": part, **record}) + "\n")
             self._file.flush()
-            self.kept.setdefault(part, {})[record["seed"]] = record
+            self.kept.setdefault(part, {})[record["seed"]] = value
 
     def __exit__(self, kind, err, _tb) -> None:
         self._file.close()
@@ -123,7 +133,7 @@ class Part:
     name: str
 
     def kept(self) -> dict[int, Rollout]:
-        return {seed: _rollout(record) for seed, record in self.journal.kept.get(self.name, {}).items()}
+        return self.journal.kept.get(self.name, {})
 
     def add(self, episode: Rollout) -> None:
         record = dataclasses.asdict(episode)
@@ -132,7 +142,7 @@ class Part:
         # as runs of [thought, steps] a line is 2-4x shorter for the bot's BossLevel episodes, 2-30x for
         # an untrained agent's 1,000-step ones (~100 kB before).
         record["thoughts"] = [[t, len(list(steps))] for t, steps in itertools.groupby(episode.thoughts)]
-        self.journal.add(self.name, record)
+        self.journal.add(self.name, record, episode)
 
 
 def _rollout(record: dict) -> Rollout:
@@ -150,7 +160,3 @@ def _flat(settings: dict) -> dict:
         else:
             flat[name] = value
     return flat
-
-
-def _line(part: str, record: dict) -> str:
-    return json.dumps({"part": part, **record})

@@ -26,7 +26,6 @@ filled within ``max_candidates`` seeds are listed under ``unfilled``.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from tqdm import tqdm
 from tc.envs import check_env_id, make_env, reset_quiet
 from tc.fastbot import FastBot
 from tc.journal import Journal
-from tc.params import FileFormatError, check_fields, param, quiet_worker
+from tc.params import FileFormatError, check_fields, ordered_map, param
 
 AXES = ("behavioural", "cognitive")
 
@@ -121,6 +120,14 @@ def _measure(args: tuple[str, int]) -> tuple[int, int, int | None]:
     return seed, mission_difficulty(_WORKER_ENV.unwrapped.instrs), bot_solution_length(_WORKER_ENV)
 
 
+def kept_measure(record: dict) -> tuple[int, int | None]:
+    """A scanned seed's (cognitive difficulty, bot solution length) from its record in a journal."""
+    difficulty, length = record["cognitive_difficulty"], record["bot_length"]
+    if type(difficulty) is not int or not (length is None or type(length) is int):
+        raise ValueError(f"seed {record['seed']}'s record is not a scanned seed's")
+    return difficulty, length
+
+
 def make_level_sets(
     env_id: str,
     first_seed: int,
@@ -135,9 +142,9 @@ def make_level_sets(
     """Scan seeds upward from ``first_seed`` and fill both axes' bins (see module doc).
 
     Results are consumed in seed order, so the level sets do not depend on ``workers``.
-    ``journal``: the seeds it keeps measured (part "scan") are not measured again, and every
-    seed measured is added to it (tc.journal: a stopped stage goes on). A seed's measurement
-    does not depend on the bins, so a journal serves other bins too.
+    ``journal`` (decoding with :func:`kept_measure`): the seeds it keeps measured (part "scan")
+    are not measured again, and every seed measured is added to it (tc.journal: a stopped
+    stage goes on). A seed's measure does not depend on the bins: kept seeds serve other bins.
     """
     check_env_id(env_id)
     check_bins(bins, levels)
@@ -150,24 +157,18 @@ def make_level_sets(
     bot_failures: list[int] = []
     scanned = 0
     candidates = range(first_seed, first_seed + max_candidates)
-    kept = journal.kept.get("scan", {}) if journal is not None else {}
+    kept = dict(journal.kept.get("scan", {})) if journal is not None else {}  # seed -> (difficulty, length)
     jobs = ((env_id, seed) for seed in candidates if seed not in kept)
-    pool = mp.get_context("fork").Pool(workers, quiet_worker) if workers > 1 else None  # as tc.demos
-    measuring = pool.imap(_measure, jobs, chunksize=8) if pool else map(_measure, jobs)
-
-    def results():
+    bar = tqdm(total=len(bins) + len(levels), desc="ood bins filled", disable=not progress)
+    with bar, ordered_map(_measure, jobs, workers, chunksize=8) as measuring:
         for seed in candidates:
             if seed in kept:
-                yield seed, kept[seed]["cognitive_difficulty"], kept[seed]["bot_length"]
-                continue
-            seed, difficulty, length = next(measuring)
-            if journal is not None:
-                journal.add("scan", {"seed": seed, "cognitive_difficulty": difficulty, "bot_length": length})
-            yield seed, difficulty, length
-
-    bar = tqdm(total=len(bins) + len(levels), desc="ood bins filled", disable=not progress)
-    try:
-        for seed, difficulty, length in results():
+                difficulty, length = kept[seed]
+            else:
+                _, difficulty, length = next(measuring)
+                if journal is not None:
+                    record = {"seed": seed, "cognitive_difficulty": difficulty, "bot_length": length}
+                    journal.add("scan", record, (difficulty, length))
             scanned += 1
             cog = sets["cognitive"][str(cognitive_level(difficulty, levels))]
             picked = False
@@ -188,11 +189,6 @@ def make_level_sets(
                 measured[str(seed)] = {"bot_length": length, "cognitive_difficulty": difficulty}
             if all(len(s) == episodes_per_bin for axis in sets.values() for s in axis.values()):
                 break
-    finally:
-        bar.close()
-        if pool:
-            pool.terminate()
-            pool.join()
     unfilled = {
         axis: {k: len(s) for k, s in sets[axis].items() if len(s) < episodes_per_bin} for axis in AXES
     }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import multiprocessing as mp
 import os
 import re
 import signal
@@ -30,7 +31,7 @@ import sys
 import threading
 import types
 import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +333,21 @@ def quiet_worker() -> None:
     traceback of its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def ordered_map(fn: Callable, jobs: Iterable, workers: int, chunksize: int) -> Iterator[Iterator]:
+    """``fn``'s results over ``jobs`` in the jobs' order, computed on ``workers`` processes (1: in
+    this one). Forked: the workers need no re-import of the caller's ``__main__`` and never touch
+    torch. They are stopped on the way out, so that after an error or a stop the queued jobs
+    are not run first."""
+    pool = mp.get_context("fork").Pool(workers, quiet_worker) if workers > 1 else None
+    try:
+        yield pool.imap(fn, jobs, chunksize=chunksize) if pool else map(fn, jobs)
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
 
 
 @contextlib.contextmanager

@@ -1,5 +1,8 @@
 """OOD level sets: difficulty definitions and bins filled with seeds of the right difficulty."""
 
+import json
+
+import minigrid
 import pytest
 from minigrid.envs.babyai.core.verifier import (
     AfterInstr,
@@ -20,6 +23,7 @@ from tc.ood import (
     bot_solution_length,
     check_bins,
     cognitive_level,
+    kept_measure,
     load_level_sets,
     make_level_sets,
     mission_difficulty,
@@ -94,7 +98,7 @@ def test_a_stopped_scan_goes_on_from_the_seeds_it_kept(tmp_path, monkeypatch, ca
     whole = make_level_sets(level, first, 3, n, **kwargs)
     assert whole["candidates_scanned"] == n
     kept_in = tmp_path / ".levels.json.episodes"
-    journal = lambda: Journal(tmp_path / "levels.json", __file__, {}, level=level)  # noqa: E731
+    journal = lambda: Journal(tmp_path / "levels.json", __file__, {}, kept_measure, level=level)  # noqa: E731
     measured, stop_after, measure = [], [15], tc.ood._measure
 
     def measure_until_stopped(job):
@@ -114,16 +118,32 @@ def test_a_stopped_scan_goes_on_from_the_seeds_it_kept(tmp_path, monkeypatch, ca
     assert measured == list(range(first + 15, first + n))  # exactly the seeds not kept, in order
     assert not kept_in.exists() and capsys.readouterr().out == f"going on from the 15 episodes kept in {kept_in}\n"
 
-    # Kept measurements serve other bins (a seed's measure does not depend on them), with workers too.
+    # Kept measures serve other bins (a seed's measure does not depend on them), workers measure the rest.
     measured.clear()
-    stop_after[0] = 40
+    stop_after[0] = 20
     with pytest.raises(KeyboardInterrupt), journal() as j:
         make_level_sets(level, first, 3, n, journal=j, **kwargs)
     monkeypatch.undo()  # the workers measure with the real function
-    other = dict(bins=[25, 75, 125], levels=[1, 2, 3], progress=False)
+    other = dict(bins=[25, 75, 125, 175, 225], levels=[1, 2, 3, 4], progress=False)
     with journal() as j:
         resumed = make_level_sets(level, first, 3, n, workers=2, journal=j, **other)
-    assert resumed == make_level_sets(level, first, 3, n, **other) and resumed["candidates_scanned"] < 40
+    assert resumed == make_level_sets(level, first, 3, n, **other) and resumed["candidates_scanned"] > 20
+    assert capsys.readouterr().out == f"going on from the 20 episodes kept in {kept_in}\n"
+
+    # A record it cannot read: afresh, not a failure on every rerun.
+    kept_in.write_text(json.dumps(journal().inputs) + '\n{"part": "scan", "seed": 300, "bot_length": 3}\n')
+    with journal() as j:
+        assert j.kept == {}
+    assert capsys.readouterr().out == f"starting afresh: {kept_in} could not be read ('cognitive_difficulty')\n"
+
+    # Another minigrid may lay the levels out otherwise: afresh, saying so.
+    with pytest.raises(KeyboardInterrupt), journal():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(minigrid, "__version__", "0.0")
+    with journal():
+        pass
+    said = capsys.readouterr().out
+    assert said == f"starting afresh: {kept_in} was kept for other inputs (versions.minigrid changed)\n"
 
 
 def test_missing_level_file_is_explained(tmp_path):
