@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         _, c = load_configs(args.params, ood=OodConfig, demos=DemosConfig)
         check_output(args.out, "--out")
         o = c.ood
-        # A seed's measure depends on its level alone; kept seeds of another first seed would be of no use.
+        # A seed's measure depends on its level alone; with ood.seed, what is said to be kept is this scan's.
         with Journal(args.out, __file__, {}, kept_measure, level=c.demos.level, ood={"seed": o.seed}) as journal:
             sets = make_level_sets(c.demos.level, o.seed, o.episodes_per_bin, o.max_candidates, o.behavioural_bins,
                                    o.cognitive_levels, workers=o.workers, journal=journal)  # fmt: skip

@@ -282,13 +282,13 @@ def generate_demos(
                 path.unlink()  # a damaged leftover is regenerated, never trusted
         todo.append(k)
     bounds = {k: (first_seed + k * shard_size, first_seed + min((k + 1) * shard_size, episodes)) for k in todo}
-    bar = tqdm(total=sum(hi - lo for lo, hi in bounds.values()), desc=f"demos {level}", unit="ep",
-               disable=not progress)
     # All episodes of all pending shards flow through one pool, in seed order, so no worker
     # waits for a shard's slowest episode; a shard is written once its last episode is in.
     tasks = ((level, seed, noise_rate, bot) for lo, hi in bounds.values() for seed in range(lo, hi))
-    try:
-        with ordered_map(_episode_or_failure, tasks, workers, chunksize=4) as results:
+    total = sum(hi - lo for lo, hi in bounds.values())
+    try:  # the bar after the fork: tqdm starts a thread, and a process should not fork with threads running
+        with ordered_map(_episode_or_failure, tasks, workers, chunksize=4) as results, \
+                tqdm(total=total, desc=f"demos {level}", unit="ep", disable=not progress) as bar:  # fmt: skip
             for k, (lo, hi) in bounds.items():
                 shard = []
                 for _ in range(hi - lo):
@@ -299,8 +299,6 @@ def generate_demos(
         done = sum(shard_path(out_dir, k).exists() for k in mine)
         err.add_note(f"{done} of the {len(mine)} shards of {out_dir} are written; the same command makes the rest")
         raise
-    finally:
-        bar.close()
     if shards is not None and len(mine) < num_shards:
         return None
     return write_manifest(out_dir, config)

@@ -76,21 +76,22 @@ class Journal:
             readable = isinstance(head, dict) and head.keys() == self.inputs.keys()
             if head is not None and not (readable and all(isinstance(head[k], dict) for k in ("files", "settings"))):
                 raise ValueError("its first line is not a journal's inputs")
+            kept_lines = {}  # (part, seed) -> its last line: a rewrite keeps one line per episode
             if head == self.inputs:
                 for line in lines[1:-1]:
                     record = json.loads(line)
                     part = record.pop("part")
                     self.kept.setdefault(part, {})[record["seed"]] = self.decode(record)
+                    kept_lines[part, record["seed"]] = line
         except (ValueError, TypeError, KeyError, AttributeError) as err:  # not a journal's lines
             print(f"starting afresh: {self.path} could not be read ({err})")
-            head, self.kept = None, {}
+            head, self.kept, kept_lines = None, {}, {}
         if head is not None and head != self.inputs:
             print(f"starting afresh: {self.path} was kept for other inputs ({self.changed(head)})")
         elif self.kept:
             print(f"going on from the {self.count()} episodes kept in {self.path}")
         if head != self.inputs or lines[-1]:  # the file anew: a cut last line or other inputs dropped
-            kept = lines[1:-1] if head == self.inputs else []
-            write_text_atomic(self.path, "".join(line + "\n" for line in [json.dumps(self.inputs), *kept]))
+            write_text_atomic(self.path, "".join(f"{line}\n" for line in [json.dumps(self.inputs), *kept_lines.values()]))
         self._file = open(self.path, "a")
         return self
 
@@ -98,7 +99,8 @@ class Journal:
         """Which inputs differ from ``old`` (a journal's first line), in words."""
         new = self.inputs
         what = [f"{flag} {self.paths[flag]}" for flag in new["files"] if old["files"].get(flag) != new["files"][flag]]
-        what += [k for k, v in new["settings"].items() if old["settings"].get(k, object()) != v]
+        settings = list(new["settings"]) + [k for k in old["settings"] if k not in new["settings"]]
+        what += [k for k in settings if old["settings"].get(k, object()) != new["settings"].get(k, object())]
         if old["code"] != new["code"]:
             what.append("the code")
         return ", ".join(what) + " changed" if what else "another format"

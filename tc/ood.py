@@ -159,8 +159,9 @@ def make_level_sets(
     candidates = range(first_seed, first_seed + max_candidates)
     kept = dict(journal.kept.get("scan", {})) if journal is not None else {}  # seed -> (difficulty, length)
     jobs = ((env_id, seed) for seed in candidates if seed not in kept)
-    bar = tqdm(total=len(bins) + len(levels), desc="ood bins filled", disable=not progress)
-    with bar, ordered_map(_measure, jobs, workers, chunksize=8) as measuring:
+    # The bar after the fork: tqdm starts a thread, and a process should not fork with threads running.
+    with ordered_map(_measure, jobs, workers, chunksize=8) as measuring, \
+            tqdm(total=len(bins) + len(levels), desc="ood bins filled", disable=not progress) as bar:  # fmt: skip
         for seed in candidates:
             if seed in kept:
                 difficulty, length = kept[seed]

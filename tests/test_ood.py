@@ -130,11 +130,22 @@ def test_a_stopped_scan_goes_on_from_the_seeds_it_kept(tmp_path, monkeypatch, ca
     assert resumed == make_level_sets(level, first, 3, n, **other) and resumed["candidates_scanned"] > 20
     assert capsys.readouterr().out == f"going on from the 20 episodes kept in {kept_in}\n"
 
-    # A record it cannot read: afresh, not a failure on every rerun.
-    kept_in.write_text(json.dumps(journal().inputs) + '\n{"part": "scan", "seed": 300, "bot_length": 3}\n')
+    # Records it cannot read: afresh, not a failure on every rerun.
+    head = json.dumps(journal().inputs)
+    for record, why in (('{"part": "scan", "seed": 300, "bot_length": 3}', "'cognitive_difficulty'"),
+                        ('{"part": "scan", "seed": 300, "cognitive_difficulty": true, "bot_length": 3}',
+                         "seed 300's record is not a scanned seed's")):  # fmt: skip
+        kept_in.write_text(f"{head}\n{record}\n")
+        with journal() as j:
+            assert j.kept == {} and kept_in.read_text() == f"{head}\n"
+        assert capsys.readouterr().out == f"starting afresh: {kept_in} could not be read ({why})\n"
+
+    # A seed kept twice, then a line cut short: the file rewritten holds it once.
+    line = '{"part": "scan", "seed": 300, "cognitive_difficulty": 2, "bot_length": 30}'
+    kept_in.write_text(f"{head}\n{line}\n{line}\n{line[:20]}")
     with journal() as j:
-        assert j.kept == {}
-    assert capsys.readouterr().out == f"starting afresh: {kept_in} could not be read ('cognitive_difficulty')\n"
+        assert j.kept == {"scan": {300: (2, 30)}} and kept_in.read_text() == f"{head}\n{line}\n"
+    capsys.readouterr()
 
     # Another minigrid may lay the levels out otherwise: afresh, saying so.
     with pytest.raises(KeyboardInterrupt), journal():
@@ -144,6 +155,13 @@ def test_a_stopped_scan_goes_on_from_the_seeds_it_kept(tmp_path, monkeypatch, ca
         pass
     said = capsys.readouterr().out
     assert said == f"starting afresh: {kept_in} was kept for other inputs (versions.minigrid changed)\n"
+    old = journal().inputs
+    old["settings"]["versions.gone"] = "2.0"  # a library then loaded, now not: named too
+    kept_in.write_text(json.dumps(old) + "\n")
+    with journal():
+        pass
+    said = capsys.readouterr().out
+    assert said == f"starting afresh: {kept_in} was kept for other inputs (versions.gone changed)\n"
 
 
 def test_missing_level_file_is_explained(tmp_path):
