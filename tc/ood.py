@@ -155,13 +155,14 @@ def make_level_sets(
     sets = {"behavioural": {str(b): [] for b in bins}, "cognitive": {str(c): [] for c in levels}}
     measured: dict[str, dict] = {}  # seed -> its difficulties, for the selected seeds
     bot_failures: list[int] = []
-    scanned = 0
+    scanned = filled = 0  # filled: bins holding episodes_per_bin seeds
     candidates = range(first_seed, first_seed + max_candidates)
     kept = dict(journal.kept.get("scan", {})) if journal is not None else {}  # seed -> (difficulty, length)
     jobs = ((env_id, seed) for seed in candidates if seed not in kept)
+    # Over seeds, not bins: the last bins (the longest solutions) may fill only near the end, or never.
     # The bar after the fork: tqdm starts a thread, and a process should not fork with threads running.
     with ordered_map(_measure, jobs, workers, chunksize=8) as measuring, \
-            tqdm(total=len(bins) + len(levels), desc="ood bins filled", disable=not progress) as bar:  # fmt: skip
+            tqdm(total=max_candidates, desc="ood scan", unit="seed", disable=not progress) as bar:  # fmt: skip
         for seed in candidates:
             if seed in kept:
                 difficulty, length = kept[seed]
@@ -171,12 +172,13 @@ def make_level_sets(
                     record = {"seed": seed, "cognitive_difficulty": difficulty, "bot_length": length}
                     journal.add("scan", record, (difficulty, length))
             scanned += 1
+            bar.update(1)
             cog = sets["cognitive"][str(cognitive_level(difficulty, levels))]
             picked = False
             if len(cog) < episodes_per_bin:
                 cog.append(seed)
                 picked = True
-                bar.update(len(cog) == episodes_per_bin)
+                filled += len(cog) == episodes_per_bin
             if length is None:
                 bot_failures.append(seed)
             else:
@@ -185,10 +187,11 @@ def make_level_sets(
                 if len(beh) < episodes_per_bin:
                     beh.append(seed)
                     picked = True
-                    bar.update(len(beh) == episodes_per_bin)
+                    filled += len(beh) == episodes_per_bin
             if picked:
                 measured[str(seed)] = {"bot_length": length, "cognitive_difficulty": difficulty}
-            if all(len(s) == episodes_per_bin for axis in sets.values() for s in axis.values()):
+                bar.set_postfix_str(f"bins filled {filled}/{len(bins) + len(levels)}", refresh=False)
+            if filled == len(bins) + len(levels):
                 break
     unfilled = {
         axis: {k: len(s) for k, s in sets[axis].items() if len(s) < episodes_per_bin} for axis in AXES
