@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tc.episodes import Interaction, Rollout
 from tc.io import write_text_atomic
-from tc.params import stops_deferred
+from tc.params import flatten, stops_deferred
 from tc.provenance import code_digest
 
 
@@ -63,7 +63,7 @@ class Journal:
         # The levels' dynamics, their seeding, the sampling streams and float kernels come from these.
         versions = {name: sys.modules[name].__version__ for name in LIBRARIES if name in sys.modules}
         self.inputs = {"code": code_digest(script), "files": {flag: file_digest(p) for flag, p in files.items()},
-                       "settings": json.loads(json.dumps(_flat(settings | {"versions": versions})))}  # fmt: skip
+                       "settings": json.loads(json.dumps(flatten(settings | {"versions": versions})))}  # fmt: skip
         self.decode = decode or _rollout
         self.kept: dict[str, dict[int, object]] = {}  # part -> seed -> what was kept (decoded)
         self._file = None
@@ -151,14 +151,3 @@ def _rollout(record: dict) -> Rollout:
     interactions = [Interaction(**i) for i in record["interactions"]]
     thoughts = [t for t, n in record["thoughts"] for _ in range(n)]
     return Rollout(**record | {"interactions": interactions, "thoughts": thoughts})
-
-
-def _flat(settings: dict) -> dict:
-    """``{"evaluate": {"seed": 1}}`` as ``{"evaluate.seed": 1}``: a changed setting is then named alone."""
-    flat = {}
-    for name, value in settings.items():
-        if isinstance(value, dict):
-            flat |= {f"{name}.{k}": v for k, v in value.items()}
-        else:
-            flat[name] = value
-    return flat
