@@ -382,7 +382,8 @@ def run_chunks_side_by_side(agent: Agent, batch: Batch, cfg: TrainConfig, true_t
         raise ValueError("a padded batch (CUDA graphs) runs its chunks in sequence, not side by side")
     R, device = cfg.recurrence, batch.images.device
     chunks = list(batch.chunks(R))
-    per_chunk = np.pad(batch.sizes, (0, len(chunks) * R - len(batch.sizes))).reshape(len(chunks), R)  # rows per step
+    pad = len(chunks) * R - len(batch.sizes)  # steps after the batch's last, to fill its last chunk
+    per_chunk = np.pad(batch.sizes, (0, pad)).reshape(len(chunks), R)  # rows per step
     states = [agent.initial_state(batch.sizes[0], device)]
     with torch.no_grad(), batchnorm_uncounted(agent):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -401,7 +402,7 @@ def run_chunks_side_by_side(agent: Agent, batch: Batch, cfg: TrainConfig, true_t
     # step alike (their batches have the same number of steps, tc.train.make_batch).
     t = np.arange(min(R, len(batch.sizes)))[:, None]
     active = t < lengths[None, :]
-    first_row = np.pad(batch.starts[:-1], (0, len(chunks) * R - len(batch.sizes)))  # row of a step's first episode
+    first_row = np.pad(batch.starts[:-1], (0, pad))  # row of a step's first episode
     index = torch.from_numpy((first_row[chunk_of * R + t] + episode)[active]).to(device)
     state = {k: torch.cat([s[k][:n] for s, n in zip(states, per_chunk[:, 0])])[torch.from_numpy(order).to(device)]
              for k in states[0]}  # fmt: skip
