@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch goes first, pinned, so pip takes the local CPU wheel instead of a CUDA build.
+# torch goes first, pinned, so pip takes the local CPU wheel instead of a CUDA build. The editable
+# install uses setuptools' default mode: its 'compat' mode is deprecated and due to be removed.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 repro: $(STAMP)
