@@ -9,13 +9,13 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch goes first, pinned, so pip takes the local CPU wheel instead of a CUDA build. The editable
-# install uses setuptools' default mode: its 'compat' mode is deprecated and due to be removed.
-$(STAMP): pyproject.toml
+# torch goes first, pinned (constraints.txt), so pip takes the local CPU wheel instead of a CUDA
+# build. The editable install uses setuptools' default mode: 'compat' is deprecated, to be removed.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt torch
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 repro: $(STAMP)
