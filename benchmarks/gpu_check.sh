@@ -33,46 +33,74 @@
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     minigrid==3.2.0 gymnasium==1.4.0 farama-notifications==0.0.6 pygame-ce==2.5.8
 #   cp -r ../shared/baselines/public_tc .whl/public_tc
-# Then: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# Then, as two commands on one warm machine (a command may run 600 s; the session has 900, a start included),
+# the second sent at once after the first returns (the machine goes back after 30 s idle):
+#   run(command="bash benchmarks/gpu_check.sh first", carry=[".whl"], timeout_s=450)   # parts 1, 2, 4
+#   run(command="bash benchmarks/gpu_check.sh second", carry=[".whl"], timeout_s=<what is left>)   # 5, 6, 3, 7
+# The second re-uses the first's installed wheels and demos when it finds them. Each writes $OUT/log.txt and its JSON
+# (at most 8 files come back from a command).
 set -uo pipefail
+WHICH=${1:-all}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+exec > >(tee -a "$OUT/log.txt") 2>&1
+[ -d /tmp/site/minigrid ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD" SDL_AUDIODRIVER=dummy PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "from tc.demos import generate_demos; generate_demos('BabyAI-BossLevel-v0', 0, 400, '/tmp/boss400', workers=16, progress=False)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+[ -d /tmp/boss400 ] || python3 -c "from tc.demos import generate_demos
+generate_demos('BabyAI-BossLevel-v0', 0, 400, '/tmp/boss400', workers=16, progress=False)"
+echo "set-up done after ${SECONDS} s"
 
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not compiled" 2>&1 | tail -20 \
-  | tee "$OUT/cuda_tests.txt"
-
-timeout 240 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 2 \
-  --demos /tmp/boss400 --precisions fp32,amp,tf32 --compile none --cuda-graphs --public "$PWD/.whl/public_tc/bench_public.py" \
-  --out "$OUT/train_throughput_cuda.json" 2>&1 | tail -12
-pkill -f "benchmarks/train_throughput.py|bench_public.py" || true  # a measurement process left by the limit would hold the GPU
-
-timeout 80 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 2 \
-  --demos /tmp/boss400 --precisions fp32 --teacher-forcing off --compile none --cuda-graphs --public '' \
-  --out "$OUT/train_throughput_cuda_free_running.json" 2>&1 | tail -6
-pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
-
-timeout 70 python3 benchmarks/eval_throughput.py --device cuda --params params-gpu.yaml --level BabyAI-BossLevel-v0 \
-  --modes tc oracle --batch-sizes 64 --threads 1 --episodes 64 --max-steps 32 --repeats 2 --workers 8 --cuda-graphs \
-  --out "$OUT/eval_throughput_cuda.json" 2>&1 | grep -v Warning | tail -12
-
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "compiled" 2>&1 | tail -20 \
-  | tee "$OUT/cuda_tests_compiled.txt"
-
-timeout 90 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
-  --demos /tmp/boss400 --precisions fp32 --compile default --cuda-graphs --public '' \
-  --out "$OUT/train_throughput_cuda_compiled.json" 2>&1 | tail -12
-pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
-
-timeout 50 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 1 \
-  --demos /tmp/boss400 --precisions fp32 --compile none --sort-window 1 --public '' \
-  --out "$OUT/train_throughput_cuda_random_batches.json" 2>&1 | tail -3
-pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
-
-timeout 50 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 1 \
-  --demos /tmp/boss400 --precisions fp32 --compile none --sort-window 1 --layout chunks --public '' \
-  --out "$OUT/train_throughput_cuda_random_batches_chunks.json" 2>&1 | tail -3
-pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
+STOP='pkill -f "benchmarks/train_throughput.py|bench_public.py"'  # a measurement process left by a limit would hold the GPU
+part1() {
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not compiled" 2>&1 | tail -20
+}
+part2() {
+  timeout 240 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 2 \
+    --demos /tmp/boss400 --precisions fp32,amp,tf32 --compile none --cuda-graphs --public "$PWD/.whl/public_tc/bench_public.py" \
+    --out "$OUT/train_throughput_cuda.json" 2>&1 | tail -12
+  eval "$STOP"
+}
+part3() {
+  timeout 80 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 2 \
+    --demos /tmp/boss400 --precisions fp32 --teacher-forcing off --compile none --cuda-graphs --public '' \
+    --out "$OUT/train_throughput_cuda_free_running.json" 2>&1 | tail -6
+  eval "$STOP"
+}
+part4() {
+  timeout 70 python3 benchmarks/eval_throughput.py --device cuda --params params-gpu.yaml --level BabyAI-BossLevel-v0 \
+    --modes tc oracle --batch-sizes 64 --threads 1 --episodes 64 --max-steps 32 --repeats 2 --workers 8 --cuda-graphs \
+    --out "$OUT/eval_throughput_cuda.json" 2>&1 | grep -v Warning | tail -12
+}
+part5() {
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "compiled" 2>&1 | tail -20
+}
+part6() {
+  timeout 90 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
+    --demos /tmp/boss400 --precisions fp32 --compile default --cuda-graphs --public '' \
+    --out "$OUT/train_throughput_cuda_compiled.json" 2>&1 | tail -12
+  eval "$STOP"
+}
+part7() {
+  timeout 50 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 1 \
+    --demos /tmp/boss400 --precisions fp32 --compile none --sort-window 1 --public '' \
+    --out "$OUT/train_throughput_cuda_random_batches.json" 2>&1 | tail -3
+  eval "$STOP"
+  timeout 50 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 1 \
+    --demos /tmp/boss400 --precisions fp32 --compile none --sort-window 1 --layout chunks --public '' \
+    --out "$OUT/train_throughput_cuda_random_batches_chunks.json" 2>&1 | tail -3
+  eval "$STOP"
+}
+case "$WHICH" in
+  first) parts="1 2 4" ;;
+  second) parts="5 6 3 7" ;;
+  all) parts="1 2 3 4 5 6 7" ;;
+  *) echo "gpu_check.sh: expected first, second or all, got '$WHICH'"; exit 2 ;;
+esac
+for n in $parts; do
+  echo "== part $n, ${SECONDS} s in"
+  "part$n"
+done
+echo "== done after ${SECONDS} s"
