@@ -22,9 +22,9 @@ GradScaler default), or the ``--precisions`` given; ours eager and, with
 ``--compile`` (default on CUDA), with its steps compiled (``train.compile``; the warm-up
 update then includes the compilation). Top-level keys: ``ratio_vs_public`` (ours TC / public
 TC frames/s, each at its fastest setting; batch 180 on CUDA, 16 on CPU), ``amp_vs_fp32``,
-``tf32_vs_fp32`` and ``compiled_vs_eager`` (ours TC, fastest of the other setting), ``graphs_vs_eager`` (ours TC with
-``--cuda-graphs``: ``train.cuda_graphs``, padded batches replayed from CUDA graphs, against the
-fastest run without; with ``--compile``, graphs are measured with each compile setting too) and
+``tf32_vs_fp32`` and ``graphs_vs_eager`` (ours TC, each side at its fastest of the other settings measured with
+both; graphs: ``--cuda-graphs``, ``train.cuda_graphs``, padded batches replayed from CUDA graphs; with ``--compile``,
+graphs are measured with each compile setting too), ``compiled_vs_eager`` (ours TC without graphs) and
 ``device``; with teacher forcing off measured, ``free_running_ratio_vs_public`` and
 ``free_running_vs_teacher_forced`` (ours TC). Frames are real frames: a padded batch counts its valid rows. The file is rewritten
 after every measurement (``"complete": false`` until the grid is done), so that a run stopped by a
@@ -147,14 +147,25 @@ def ratios(results: list[dict], device: str) -> dict:
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
 
+    def versus(key: str, a: object, b: object) -> float | None:
+        """Ours TC with ``key`` ``a`` against ``b``, each at its fastest of the other settings measured with
+        both: a run cut by a time limit (TF32 graphed, say) must not set TF32 eager against fp32 graphed."""
+        runs = [r for r in results if r["impl"] == "ours" and r["agent"] == "tc" and r["batch"] == batch
+                and "error" not in r and r.get("teacher_forcing", True)]  # fmt: skip
+        others = lambda r: tuple(r.get(k) for k in ("precision", "compile", "cuda_graphs") if k != key)  # noqa: E731
+        common = {others(r) for r in runs if r.get(key) == a} & {others(r) for r in runs if r.get(key) == b}
+        fastest = lambda v: max((r["frames_per_s"] for r in runs if r.get(key) == v and others(r) in common),  # noqa: E731
+                                default=None)  # fmt: skip
+        return ratio(fastest(a), fastest(b))
+
     batch = 16 if device == "cpu" else 180
     eager = best("ours", batch, compile=None, cuda_graphs=False)
     compiled = max(filter(None, (best("ours", batch, compile=m, cuda_graphs=False) for m in COMPILE_MODES)), default=None)
     return {"ratio_vs_public": ratio(best("ours", batch), best("public", batch)),
-            "amp_vs_fp32": ratio(best("ours", batch, precision="amp"), best("ours", batch, precision="fp32")),
-            "tf32_vs_fp32": ratio(best("ours", batch, precision="tf32"), best("ours", batch, precision="fp32")),
+            "amp_vs_fp32": versus("precision", "amp", "fp32"),
+            "tf32_vs_fp32": versus("precision", "tf32", "fp32"),
             "compiled_vs_eager": ratio(compiled, eager),
-            "graphs_vs_eager": ratio(best("ours", batch, cuda_graphs=True), best("ours", batch, cuda_graphs=False)),
+            "graphs_vs_eager": versus("cuda_graphs", True, False),
             "free_running_ratio_vs_public": ratio(best("ours", batch, False), best("public", batch, False)),
             "free_running_vs_teacher_forced": ratio(best("ours", batch, False), best("ours", batch)),
             "ratio_batch": batch}
