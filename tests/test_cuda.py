@@ -102,8 +102,13 @@ def test_cuda_compiled_steps_equal_eager(demos, mode, amp):
                          ids=["tc-fp32", "tc-amp", "bc-fp32", "bc-amp", "tc-fp32-compiled"])  # fmt: skip
 def test_cuda_graphed_chunks_equal_eager(demos, use_thoughts, amp, compile):
     """ChunkGraphs (train.cuda_graphs) captures and replays; three updates, both teacher-forcing modes;
-    compiled: the graphs record the compiled steps' kernels (train.compile with train.cuda_graphs)."""
-    def updates(graphs: bool):
+    compiled: the graphs record the compiled steps' kernels (train.compile with train.cuda_graphs).
+    The eager reference trains on the shrinking layout in fp32 (padding and graphs tested together) and
+    on the same padded batches in bfloat16: there three SGD steps compound the padded layout's other
+    rounding past any useful tolerance (BC on the H200: cosine < 0.99; emulated on the CPU, eager
+    padded against shrinking, 0.9994 / 0.9978 / 0.9891 over the updates, each above 0.999 from equal
+    parameters), while graphs and eager on one layout should agree (CPU: bit for bit)."""
+    def updates(graphs: bool, padded: bool):
         torch.manual_seed(0)
         model = ModelConfig(**{**MODEL.to_dict(), "use_thoughts": use_thoughts})
         agent = Agent(model).cuda().train()
@@ -115,7 +120,7 @@ def test_cuda_graphed_chunks_equal_eager(demos, use_thoughts, amp, compile):
         runner = ChunkGraphs(agent, cfg, scale, amp) if graphs else None
         out = []
         for episodes, coin in ((np.array([3, 0, 5, 1]), True), (np.arange(6), False), (np.arange(2, 6), True)):
-            batch = make_batch(demos, episodes, torch.device("cuda"), padding=Padding.of(demos, cfg) if graphs else None)
+            batch = make_batch(demos, episodes, torch.device("cuda"), padding=Padding.of(demos, cfg) if padded else None)
             sums = train_update(agent, optimizer, batch, cfg, coin, amp, scale, runner)
             out.append((sums, torch.cat([p.grad.flatten() for p in agent.parameters()]).cpu()))
         if graphs:
@@ -125,10 +130,10 @@ def test_cuda_graphed_chunks_equal_eager(demos, use_thoughts, amp, compile):
         return out
 
     tol = dict(rel=0.02) if amp else dict(rel=1e-4, abs=1e-4)
-    # In bfloat16 the padded layout's other shapes round differently: a few argmaxes flip, so the
-    # *_correct counts are compared in fp32 only (tried on the CPU in bfloat16: 57 vs 59 words).
+    # In bfloat16 a last-bit difference (a kernel's other reduction order) can flip an argmax: the
+    # *_correct counts are compared in fp32 only.
     keys = [k for k in STAT_KEYS if not (amp and k.endswith("_correct"))]
-    for (sums, grads), (g_sums, g_grads) in zip(updates(False), updates(True)):
+    for (sums, grads), (g_sums, g_grads) in zip(updates(False, padded=amp), updates(True, padded=True)):
         for k in keys:
             assert g_sums[k] == pytest.approx(sums[k], **tol), k
         assert torch.nn.functional.cosine_similarity(g_grads, grads, dim=0) > (0.99 if amp else 0.9999)
