@@ -14,7 +14,8 @@
 #      3.4x its teacher-forced one, ~60 s at batch 180 here; the CPU has its ratio, 8.18x);
 #   4. evaluation throughput (environment workers, CUDA graphs, both), 70 s (H200: 27 s);
 #   5. the CUDA tests of torch.compile (compiled steps, compiled steps inside the graphs), 300 s (H200: one test in 90 s);
-#   6. training throughput with compiled steps, with and without graphs, fp32, 220 s (H200: no result in 90 s);
+#   6. training throughput with compiled steps, with and without graphs, bf16 autocast (the GPU configs'; compare
+#      part 2's eager and graphed amp), 220 s (H200, fp32: no result in 90 s);
 #   7. if time is left: the paper's random batches (sort_window 1, params-paper.yaml) vs part 2's grouped ones, TC
 #      at batch 180, fp32 eager, 50 s (3.2x the recurrent steps of grouped batches: their cost on a launch-bound GPU),
 #      then the same batches with their chunks side by side (train.layout chunks: ~80 steps with gradients after
@@ -79,7 +80,7 @@ part5() {
 }
 part6() {
   timeout 220 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
-    --demos /tmp/boss400 --precisions fp32 --compile default --cuda-graphs --public '' \
+    --demos /tmp/boss400 --precisions amp --compile default --cuda-graphs --public '' \
     --out "$OUT/train_throughput_cuda_compiled.json" 2>&1 | tail -12
   eval "$STOP"
 }
