@@ -54,7 +54,9 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 generate_demos('BabyAI-BossLevel-v0', 0, 400, '/tmp/boss400', workers=16, progress=False)"
 echo "set-up done after ${SECONDS} s"
 
-STOP='pkill -f "benchmarks/train_throughput.py|bench_public.py"'  # a measurement process left by a limit would hold the GPU
+stop() {  # a measurement process left by a limit would hold the GPU
+  pkill -f "benchmarks/train_throughput.py|bench_public.py" || true
+}
 part1() {
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not compiled" 2>&1 | tail -60
 }
@@ -62,13 +64,13 @@ part2() {
   timeout 280 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 2 \
     --demos /tmp/boss400 --precisions fp32,amp,tf32 --compile none --cuda-graphs --public "$PWD/.whl/public_tc/bench_public.py" \
     --out "$OUT/train_throughput_cuda.json" 2>&1 | tail -12
-  eval "$STOP"
+  stop
 }
 part3() {
   timeout 80 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 2 \
     --demos /tmp/boss400 --precisions fp32 --teacher-forcing off --compile none --cuda-graphs --public '' \
     --out "$OUT/train_throughput_cuda_free_running.json" 2>&1 | tail -6
-  eval "$STOP"
+  stop
 }
 part4() {
   timeout 70 python3 benchmarks/eval_throughput.py --device cuda --params params-gpu.yaml --level BabyAI-BossLevel-v0 \
@@ -82,17 +84,17 @@ part6() {
   timeout 220 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 3 --warmup 3 \
     --demos /tmp/boss400 --precisions amp --compile default --cuda-graphs --public '' \
     --out "$OUT/train_throughput_cuda_compiled.json" 2>&1 | tail -12
-  eval "$STOP"
+  stop
 }
 part7() {
   timeout 50 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 1 \
     --demos /tmp/boss400 --precisions fp32 --compile none --sort-window 1 --public '' \
     --out "$OUT/train_throughput_cuda_random_batches.json" 2>&1 | tail -3
-  eval "$STOP"
+  stop
   timeout 50 python3 benchmarks/train_throughput.py --device cuda --agents tc --batches 180 --updates 2 --warmup 1 \
     --demos /tmp/boss400 --precisions fp32 --compile none --sort-window 1 --layout chunks --public '' \
     --out "$OUT/train_throughput_cuda_random_batches_chunks.json" 2>&1 | tail -3
-  eval "$STOP"
+  stop
 }
 case "$WHICH" in
   first) parts="1 5" ;;

@@ -138,11 +138,13 @@ def ratios(results: list[dict], device: str) -> dict:
     """``ratio_vs_public``, ``amp_vs_fp32``, ``tf32_vs_fp32``... of TC at the device's key batch (each side at its
     fastest setting), teacher-forced; ``free_running_*`` of free-running TC."""
 
+    def runs(impl: str, batch: int, teacher_forcing: bool = True, **setting) -> list[dict]:
+        return [r for r in results if r["impl"] == impl and r["agent"] == "tc" and r["batch"] == batch
+                and "error" not in r and r.get("teacher_forcing", True) == teacher_forcing
+                and all(r.get(k) == v for k, v in setting.items())]
+
     def best(impl: str, batch: int, teacher_forcing: bool = True, **setting) -> float | None:
-        rates = [r["frames_per_s"] for r in results if r["impl"] == impl and r["agent"] == "tc" and r["batch"] == batch
-                 and "error" not in r and r.get("teacher_forcing", True) == teacher_forcing
-                 and all(r.get(k) == v for k, v in setting.items())]
-        return max(rates) if rates else None
+        return max((r["frames_per_s"] for r in runs(impl, batch, teacher_forcing, **setting)), default=None)
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
@@ -150,11 +152,9 @@ def ratios(results: list[dict], device: str) -> dict:
     def versus(key: str, a: object, b: object) -> float | None:
         """Ours TC with ``key`` ``a`` against ``b``, each at its fastest of the other settings measured with
         both: a run cut by a time limit (TF32 graphed, say) must not set TF32 eager against fp32 graphed."""
-        runs = [r for r in results if r["impl"] == "ours" and r["agent"] == "tc" and r["batch"] == batch
-                and "error" not in r and r.get("teacher_forcing", True)]  # fmt: skip
         others = lambda r: tuple(r.get(k) for k in ("precision", "compile", "cuda_graphs") if k != key)  # noqa: E731
-        common = {others(r) for r in runs if r.get(key) == a} & {others(r) for r in runs if r.get(key) == b}
-        fastest = lambda v: max((r["frames_per_s"] for r in runs if r.get(key) == v and others(r) in common),  # noqa: E731
+        common = {others(r) for r in runs("ours", batch, **{key: a})} & {others(r) for r in runs("ours", batch, **{key: b})}
+        fastest = lambda v: max((r["frames_per_s"] for r in runs("ours", batch, **{key: v}) if others(r) in common),  # noqa: E731
                                 default=None)  # fmt: skip
         return ratio(fastest(a), fastest(b))
 
